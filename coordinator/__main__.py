@@ -1,0 +1,228 @@
+"""python -m coordinator: run a Phalanx federation.
+
+Trainers register with this process; it runs --rounds federated rounds over them and writes
+metrics.jsonl, checkpoints/ and the final PEFT adapter/ into --out. With --spawn-trainers N it
+also starts N local trainers on partitions 0..N-1 of --data, so one command runs a whole
+federation. A run whose --out holds a checkpoint resumes after its last completed round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from phalanx.cli import (
+    HelpFormatter,
+    add_common_arguments,
+    configure_logging,
+    data_config,
+    model_and_data_flags,
+    model_config,
+    parse_with_config,
+)
+from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, WIRE_DTYPES
+
+log = logging.getLogger("coordinator")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from coordinator.aggregation import AGGREGATORS
+
+    parser = argparse.ArgumentParser(prog="python -m coordinator", description=__doc__, formatter_class=HelpFormatter)
+    run = parser.add_argument_group("run")
+    run.add_argument("--listen", default="127.0.0.1:50051", help="address to serve on, HOST:PORT (port 0: a free port)")
+    run.add_argument("--out", type=Path, default=Path("runs/latest"), help="directory for metrics, checkpoints, adapter")
+    run.add_argument("--fresh", action="store_true", help="ignore and remove an earlier run's outputs in --out")
+    run.add_argument("--spawn-trainers", type=int, default=0, help="start N local trainers on partitions 0..N-1")
+    run.add_argument("--trainer-threads", type=int, default=0, help="torch threads per spawned trainer (0: cores / N)")
+    run.add_argument("--register-timeout", type=float, default=300.0, help="seconds to wait for --min-trainers")
+    run.add_argument("--labels", default="", help="comma-separated label names (default: those of --data)")
+    run.add_argument("--max-adapter-bytes", type=int, default=DEFAULT_MAX_ADAPTER_BYTES, help="largest reply accepted")
+    rounds = parser.add_argument_group("rounds")
+    rounds.add_argument("--rounds", type=int, default=8, help="federated rounds")
+    rounds.add_argument("--min-trainers", type=int, default=2, help="trainers needed to start and to accept a round")
+    rounds.add_argument("--fraction-train", type=float, default=1.0, help="share of live trainers sampled per round")
+    rounds.add_argument("--fraction-evaluate", type=float, default=1.0, help="share of live trainers that evaluate")
+    rounds.add_argument("--local-steps", type=int, default=15, help="optimizer steps per trainer per round")
+    rounds.add_argument("--batch-size", type=int, default=32, help="training batch size")
+    rounds.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    rounds.add_argument("--eval-max-examples", type=int, default=400, help="test examples per trainer (0: all)")
+    rounds.add_argument("--round-timeout", type=float, default=300.0, help="seconds a trainer has to answer a call")
+    rounds.add_argument("--aggregator", choices=AGGREGATORS, default="fedavg", help="aggregation strategy")
+    rounds.add_argument("--wire-dtype", choices=sorted(WIRE_DTYPES), default="float32", help="adapter dtype on the wire")
+    add_common_arguments(parser)
+    return parser
+
+
+def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    checks = [
+        (args.rounds >= 1, "--rounds must be at least 1"),
+        (args.min_trainers >= 1, "--min-trainers must be at least 1"),
+        (0 < args.fraction_train <= 1, "--fraction-train must be in (0, 1]"),
+        (0 < args.fraction_evaluate <= 1, "--fraction-evaluate must be in (0, 1]"),
+        (args.local_steps >= 1, "--local-steps must be at least 1"),
+        (args.round_timeout > 0, "--round-timeout must be positive"),
+        (args.spawn_trainers >= 0, "--spawn-trainers cannot be negative"),
+        (
+            args.spawn_trainers == 0 or args.spawn_trainers >= args.min_trainers,
+            "--spawn-trainers must be at least --min-trainers",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            parser.error(message)
+
+
+async def coordinate(args: argparse.Namespace) -> int:
+    from coordinator.config import CoordinatorConfig, RoundConfig
+    from coordinator.federation import Federation, RoundFailed
+    from coordinator.outputs import RunOutputs
+    from coordinator.registry import Registry
+    from coordinator.report import Report
+    from coordinator.service import CoordinatorServicer
+    from coordinator.spawn import TrainerProcesses
+    from phalanx.codec import layout_of
+    from phalanx.model import adapter_state, build_model, save_adapter
+    from phalanx.rpc import Server
+    from phalanx.sites import load_source
+    from phalanx.telemetry import Telemetry
+    from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+    started = time.perf_counter()
+    report = Report(args.rounds)
+    if args.labels:
+        labels = tuple(x.strip() for x in args.labels.split(","))
+    else:
+        labels = (await asyncio.to_thread(load_source, data_config(args))).label_names
+    config = CoordinatorConfig(
+        rounds=RoundConfig(
+            rounds=args.rounds,
+            min_trainers=args.min_trainers,
+            fraction_train=args.fraction_train,
+            fraction_evaluate=args.fraction_evaluate,
+            local_steps=args.local_steps,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            eval_max_examples=args.eval_max_examples,
+            round_timeout=args.round_timeout,
+            aggregator=args.aggregator,
+            wire_dtype=args.wire_dtype,
+            seed=args.seed,
+        ),
+        model=model_config(args, len(labels)),
+        label_names=labels,
+        listen=args.listen,
+        out=args.out,
+        register_timeout=args.register_timeout,
+        max_adapter_bytes=args.max_adapter_bytes,
+    )
+    if args.fresh:
+        for name in ("metrics.jsonl", "checkpoints", "adapter", "logs"):
+            path = args.out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    outputs = RunOutputs(args.out)
+    model = await asyncio.to_thread(build_model, config.model)
+    adapter = adapter_state(model)
+    run_id, start_round = uuid.uuid4().hex, 1
+    checkpoint = outputs.load_latest_checkpoint()
+    if checkpoint is not None:
+        run_id, start_round, adapter = checkpoint.metadata.get("run_id", run_id), checkpoint.round + 1, checkpoint.adapter
+        outputs.truncate_metrics(checkpoint.round)
+        report.say(f"Resuming from the checkpoint of round {checkpoint.round} in {args.out} (--fresh starts over).")
+    else:
+        outputs.truncate_metrics(-1)
+    report.say(f"Labels {list(labels)}; adapter of {len(adapter)} tensors, {sum(a.size for a in adapter.values()):,} parameters.")
+
+    telemetry = Telemetry.create("phalanx-coordinator")
+    registry = Registry(telemetry, config.liveness_timeout)
+    federation = Federation(
+        config, registry, telemetry, outputs, adapter, run_id=run_id, start_round=start_round, on_round=report.round_done
+    )
+    server = Server(telemetry, [coordinator_pb2_grpc.DESCRIPTOR.services_by_name["CoordinatorService"].full_name])
+    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
+        CoordinatorServicer(
+            registry,
+            run_id=run_id,
+            label_names=labels,
+            layout=layout_of(adapter),
+            heartbeat_interval=config.heartbeat_interval,
+            run_state=lambda: federation.state,
+        ),
+        server.grpc_server,
+    )
+    spawned: TrainerProcesses | None = None
+    exit_code = 1
+    try:
+        port = await server.start(config.listen)
+        address = f"{config.listen.rsplit(':', 1)[0]}:{port}"
+        report.say(f"Coordinator listening on {address}; waiting for {args.min_trainers} trainers.")
+        run = asyncio.ensure_future(federation.run())
+        watchers = {run}
+        if args.spawn_trainers:
+            threads = args.trainer_threads or max(1, (os.cpu_count() or 1) // args.spawn_trainers)
+            spawned = TrainerProcesses(
+                args.spawn_trainers, address, model_and_data_flags(args), args.out / "logs", threads
+            )
+            await spawned.start()
+            report.say(f"Started {args.spawn_trainers} trainers ({threads} torch thread each); logs in {args.out / 'logs'}.")
+            early_exit = asyncio.ensure_future(spawned.first_exit())
+            watchers.add(early_exit)
+            done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
+            if run not in done and federation.state == coordinator_pb2.RUN_STATE_WAITING:
+                run.cancel()
+                raise RuntimeError(early_exit.result())
+            early_exit.cancel()
+        await run
+        await asyncio.to_thread(save_adapter, model, federation.adapter, outputs.adapter_dir)
+        report.summary(outputs.read_metrics(), str(args.out), time.perf_counter() - started)
+        exit_code = 0
+    except RoundFailed as exc:
+        log.error("%s", exc)
+        report.say(f"Run failed: {exc}")
+    except TimeoutError:
+        report.say(f"Run failed: fewer than {args.min_trainers} trainers registered within {args.register_timeout:.0f} s.")
+    except RuntimeError as exc:
+        report.say(f"Run failed: {exc}")
+    finally:
+        reason = "finished" if exit_code == 0 else "the coordinator stopped"
+        federation.state = coordinator_pb2.RUN_STATE_FINISHED  # heartbeats now tell trainers to exit
+        await asyncio.gather(
+            *(e.client.end_run(run_id, reason, timeout=5.0) for e in registry.all()), return_exceptions=True
+        )
+        if spawned is not None:
+            await spawned.stop()
+        await server.stop()
+        await registry.close()
+        telemetry.shutdown()
+    return exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
+    validate(parser, args)
+    configure_logging(args.log_level, "coordinator")
+    from phalanx.data import DataError
+    from phalanx.model import ModelError
+
+    try:
+        return asyncio.run(coordinate(args))
+    except (DataError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; resume with the same --out", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

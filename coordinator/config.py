@@ -1,0 +1,48 @@
+"""The coordinator's settings, built once in __main__ and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
+from phalanx.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What every round does."""
+
+    rounds: int = 5
+    min_trainers: int = 2
+    """Wait for this many registered trainers; a round fails with fewer accepted replies."""
+    fraction_train: float = 1.0
+    """Share of the live trainers sampled for training each round (at least min_trainers)."""
+    fraction_evaluate: float = 1.0
+    local_steps: int = 10
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    eval_batch_size: int = 64
+    eval_max_examples: int = 0
+    """Evaluate each trainer on at most this many of its test examples; 0 means all."""
+    round_timeout: float = 300.0
+    """Seconds a trainer has to answer Train or Evaluate before it is left out of the round."""
+    aggregator: str = "fedavg"
+    wire_dtype: str = "float32"
+    """Element type of adapters on the wire: float32, or float16 / bfloat16 for half the bytes."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    rounds: RoundConfig = field(default_factory=RoundConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    label_names: tuple[str, ...] = ()
+    listen: str = "127.0.0.1:50051"
+    out: Path = Path("runs/latest")
+    register_timeout: float = 300.0
+    """Seconds to wait for min_trainers registrations before giving up."""
+    heartbeat_interval: float = 1.0
+    liveness_timeout: float = 10.0
+    """A trainer silent for this long is left out of sampling until it is heard from again."""
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES

@@ -1,0 +1,261 @@
+"""The round loop: sample, broadcast, collect with a deadline, validate, aggregate, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from opentelemetry.trace import Span, StatusCode
+
+from coordinator.aggregation import create_aggregator
+from coordinator.config import CoordinatorConfig
+from coordinator.outputs import RunOutputs
+from coordinator.registry import Registry, TrainerEntry
+from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, EncodedAdapter, encode, layout_of
+from phalanx.telemetry import Telemetry
+from phalanx.v1 import coordinator_pb2, trainer_pb2
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(RuntimeError):
+    """Too few trainers answered a round acceptably."""
+
+
+@dataclass
+class Participation:
+    """What one trainer did in one phase of a round."""
+
+    trainer: str
+    phase: str
+    status: str  # "accepted", "failed" (no usable answer) or "rejected" (bad adapter or reply)
+    reason: str = ""
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    num_examples: int = 0
+    loss: float = math.nan
+    accuracy: float = math.nan
+
+
+@dataclass
+class RoundStats:
+    round: int
+    train: list[Participation] = field(default_factory=list)
+    evaluate: list[Participation] = field(default_factory=list)
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+    evaluate_seconds: float = 0.0
+
+    def loss_and_accuracy(self) -> tuple[float, float]:
+        ok = [p for p in self.evaluate if p.status == "accepted"]
+        total = sum(p.num_examples for p in ok)
+        if total == 0:
+            return math.nan, math.nan
+        return (sum(p.loss * p.num_examples for p in ok) / total, sum(p.accuracy * p.num_examples for p in ok) / total)
+
+    def row(self, adapter_bytes: int, status: str) -> dict[str, Any]:
+        loss, accuracy = self.loss_and_accuracy()
+        trained = [p for p in self.train if p.status == "accepted"]
+        weight = sum(p.num_examples for p in trained)
+        everyone = self.train + self.evaluate
+        return {
+            "round": self.round,
+            "status": status,
+            "loss": _finite_or_none(loss),
+            "accuracy": _finite_or_none(accuracy),
+            "train_loss": _finite_or_none(sum(p.loss * p.num_examples for p in trained) / weight if weight else math.nan),
+            "trainers_sampled": len(self.train),
+            "trainers_accepted": len(trained),
+            "trainers_failed": len(self.train) - len(trained),
+            "evaluators": len(self.evaluate),
+            "failures": [
+                {"trainer": p.trainer, "phase": p.phase, "status": p.status, "reason": p.reason}
+                for p in everyone
+                if p.status != "accepted"
+            ],
+            "seconds": round(self.seconds, 4),
+            "train_seconds": round(self.train_seconds, 4),
+            "evaluate_seconds": round(self.evaluate_seconds, 4),
+            "bytes_sent": sum(p.bytes_sent for p in everyone),
+            "bytes_received": sum(p.bytes_received for p in everyone),
+            "adapter_bytes": adapter_bytes,
+        }
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def trainer_seed(seed: int, round_: int, partition: int) -> int:
+    """A per-trainer, per-round seed that is the same whenever the round is run again."""
+    return int(np.random.SeedSequence([seed, round_, partition]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def sample(trainers: list[TrainerEntry], fraction: float, minimum: int, seed: int, round_: int) -> list[TrainerEntry]:
+    """A deterministic sample of at least `minimum` (and `fraction` of) the given trainers."""
+    k = min(len(trainers), max(minimum, math.ceil(fraction * len(trainers))))
+    return sorted(random.Random(f"{seed}:{round_}").sample(trainers, k), key=lambda e: e.name)
+
+
+class Federation:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        registry: Registry,
+        telemetry: Telemetry,
+        outputs: RunOutputs,
+        initial: Adapter,
+        *,
+        run_id: str,
+        start_round: int = 1,
+        on_round: Callable[[dict[str, Any]], None] = lambda row: None,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.outputs = outputs
+        self.run_id = run_id
+        self.adapter = initial
+        self.start_round = start_round
+        self.state = coordinator_pb2.RUN_STATE_WAITING
+        self._on_round = on_round
+        self._wire_dtype = WIRE_DTYPES[config.rounds.wire_dtype]
+        self._expected = layout_of(initial, self._wire_dtype)
+        self._adapter_bytes = sum(a.nbytes for a in initial.values())
+        self._tracer = telemetry.tracer()
+        meter = telemetry.meter()
+        self._loss_gauge = meter.create_gauge("fl.round.loss", description="aggregated evaluation loss")
+        self._accuracy_gauge = meter.create_gauge("fl.round.accuracy", description="aggregated evaluation accuracy")
+        self._clients = meter.create_counter(
+            "fl.round.clients", unit="{trainer}", description="trainer answers per round, by phase and status"
+        )
+
+    async def run(self) -> list[dict[str, Any]]:
+        """Run the remaining rounds (evaluating the initial adapter first on a fresh run)."""
+        rounds = self.config.rounds
+        await self.registry.wait_for(rounds.min_trainers, self.config.register_timeout)
+        self.state = coordinator_pb2.RUN_STATE_RUNNING
+        rows: list[dict[str, Any]] = []
+        if self.start_round == 1:
+            rows.append(await self._round(0))
+        for round_ in range(self.start_round, rounds.rounds + 1):
+            rows.append(await self._round(round_))
+            self.outputs.save_checkpoint(round_, self.adapter, {"run_id": self.run_id})
+        self.state = coordinator_pb2.RUN_STATE_FINISHED
+        return rows
+
+    async def _round(self, round_: int) -> dict[str, Any]:
+        """Round 0 only evaluates the initial adapter; later rounds train, aggregate and evaluate."""
+        stats = RoundStats(round_)
+        started = time.perf_counter()
+        failure: RoundFailed | None = None
+        with self._tracer.start_as_current_span("fl.round", attributes={"fl.round": round_}) as span:
+            try:
+                if round_ > 0:
+                    self.adapter = await self._train(round_, stats, span)
+                stats.train_seconds = time.perf_counter() - started
+                await self._evaluate(round_, stats)
+            except RoundFailed as exc:
+                failure = exc
+                span.set_status(StatusCode.ERROR, str(exc))
+            stats.seconds = time.perf_counter() - started
+            stats.evaluate_seconds = stats.seconds - stats.train_seconds if failure is None else 0.0
+            loss, accuracy = stats.loss_and_accuracy()
+            if math.isfinite(loss):
+                span.set_attributes({"fl.loss": loss, "fl.accuracy": accuracy})
+                self._loss_gauge.set(loss)
+                self._accuracy_gauge.set(accuracy)
+        for p in stats.train + stats.evaluate:
+            self._clients.add(1, {"fl.phase": p.phase, "fl.status": p.status})
+            if p.status != "accepted":
+                log.warning("round %d: %s %s %s: %s", round_, p.phase, p.status, p.trainer, p.reason)
+        row = stats.row(self._adapter_bytes, "failed" if failure else "ok")
+        self.outputs.append_metrics(row)
+        self._on_round(row)
+        if failure is not None:
+            raise failure
+        return row
+
+    async def _train(self, round_: int, stats: RoundStats, span: Span) -> Adapter:
+        rounds = self.config.rounds
+        sampled = sample(self.registry.live(), rounds.fraction_train, rounds.min_trainers, rounds.seed, round_)
+        span.set_attribute("fl.clients", len(sampled))
+        if len(sampled) < rounds.min_trainers:
+            raise RoundFailed(f"round {round_}: only {len(sampled)} live trainers, need {rounds.min_trainers}")
+        encoded = encode(self.adapter, self._wire_dtype)
+        aggregator = create_aggregator(rounds.aggregator, self.adapter)
+
+        async def train_one(entry: TrainerEntry) -> Participation:
+            header = trainer_pb2.TrainHeader(
+                run_id=self.run_id,
+                round=round_,
+                local_steps=rounds.local_steps,
+                batch_size=rounds.batch_size,
+                learning_rate=rounds.learning_rate,
+                seed=trainer_seed(rounds.seed, round_, entry.partition),
+                reply_dtype=self._wire_dtype,
+                adapter=encoded.manifest,
+            )
+            p = Participation(entry.name, "train", "failed")
+            try:
+                reply = await entry.client.train(
+                    header, encoded, expected=self._expected, timeout=rounds.round_timeout,
+                    max_bytes=self.config.max_adapter_bytes,
+                )  # fmt: skip
+                p.bytes_sent, p.bytes_received = reply.bytes_sent, reply.bytes_received
+                result = reply.result
+                if result.round != round_ or result.run_id != self.run_id:
+                    raise AdapterError(f"reply is for round {result.round} of run {result.run_id!r}")
+                aggregator.add(reply.adapter, float(result.num_examples))
+                p.status, p.num_examples, p.loss = "accepted", result.num_examples, result.loss
+            except grpc.aio.AioRpcError as exc:
+                p.reason = f"{exc.code().name}: {exc.details()}"
+            except AdapterError as exc:
+                p.status, p.reason = "rejected", str(exc)
+            return p
+
+        stats.train = list(await asyncio.gather(*(train_one(e) for e in sampled)))
+        accepted = sum(p.status == "accepted" for p in stats.train)
+        if accepted < rounds.min_trainers:
+            reasons = "; ".join(f"{p.trainer}: {p.reason}" for p in stats.train if p.status != "accepted")
+            raise RoundFailed(f"round {round_}: {accepted} accepted replies, need {rounds.min_trainers} ({reasons})")
+        return aggregator.result()
+
+    async def _evaluate(self, round_: int, stats: RoundStats) -> None:
+        rounds = self.config.rounds
+        chosen = sample(self.registry.live(), rounds.fraction_evaluate, 1, rounds.seed + 1, round_)
+        encoded: EncodedAdapter = encode(self.adapter, self._wire_dtype)
+        header = trainer_pb2.EvaluateHeader(
+            run_id=self.run_id,
+            round=round_,
+            batch_size=rounds.eval_batch_size,
+            max_examples=rounds.eval_max_examples,
+            adapter=encoded.manifest,
+        )
+
+        async def evaluate_one(entry: TrainerEntry) -> Participation:
+            p = Participation(entry.name, "evaluate", "failed")
+            try:
+                reply = await entry.client.evaluate(header, encoded, timeout=rounds.round_timeout)
+            except grpc.aio.AioRpcError as exc:
+                p.reason = f"{exc.code().name}: {exc.details()}"
+                return p
+            p.bytes_sent, p.bytes_received = reply.bytes_sent, reply.bytes_received
+            r = reply.result
+            if r.round != round_ or r.run_id != self.run_id:
+                p.status, p.reason = "rejected", f"reply is for round {r.round} of run {r.run_id!r}"
+            elif r.num_examples == 0 or not (math.isfinite(r.loss) and 0.0 <= r.accuracy <= 1.0):
+                p.status, p.reason = "rejected", f"implausible evaluation: {r.num_examples} examples, loss {r.loss}, accuracy {r.accuracy}"
+            else:
+                p.status, p.num_examples, p.loss, p.accuracy = "accepted", r.num_examples, r.loss, r.accuracy
+            return p
+
+        stats.evaluate = list(await asyncio.gather(*(evaluate_one(e) for e in chosen)))
+

