@@ -29,14 +29,14 @@ from phalanx.cli import (
     model_config,
     parse_with_config,
 )
+from coordinator.aggregation import AGGREGATORS
+from coordinator.config import CoordinatorConfig, RoundConfig
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, WIRE_DTYPES
 
 log = logging.getLogger("coordinator")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from coordinator.aggregation import AGGREGATORS
-
     parser = argparse.ArgumentParser(prog="python -m coordinator", description=__doc__, formatter_class=HelpFormatter)
     run = parser.add_argument_group("run")
     run.add_argument("--listen", default="127.0.0.1:50051", help="address to serve on, HOST:PORT (port 0: a free port)")
@@ -82,20 +82,41 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             parser.error(message)
 
 
+def round_config(args: argparse.Namespace) -> RoundConfig:
+    return RoundConfig(
+        rounds=args.rounds,
+        min_trainers=args.min_trainers,
+        fraction_train=args.fraction_train,
+        fraction_evaluate=args.fraction_evaluate,
+        local_steps=args.local_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        eval_max_examples=args.eval_max_examples,
+        round_timeout=args.round_timeout,
+        aggregator=args.aggregator,
+        wire_dtype=args.wire_dtype,
+        seed=args.seed,
+    )
+
+
+def clear_outputs(out: Path) -> None:
+    for name in ("metrics.jsonl", "checkpoints", "adapter", "logs"):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 async def coordinate(args: argparse.Namespace) -> int:
-    from coordinator.config import CoordinatorConfig, RoundConfig
-    from coordinator.federation import Federation, RoundFailed
+    from coordinator.app import CoordinatorApp
+    from coordinator.federation import RoundFailed
     from coordinator.outputs import RunOutputs
-    from coordinator.registry import Registry
     from coordinator.report import Report
-    from coordinator.service import CoordinatorServicer
     from coordinator.spawn import TrainerProcesses
-    from phalanx.codec import layout_of
     from phalanx.model import adapter_state, build_model, save_adapter
-    from phalanx.rpc import Server
     from phalanx.sites import load_source
     from phalanx.telemetry import Telemetry
-    from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc
 
     started = time.perf_counter()
     report = Report(args.rounds)
@@ -104,20 +125,7 @@ async def coordinate(args: argparse.Namespace) -> int:
     else:
         labels = (await asyncio.to_thread(load_source, data_config(args))).label_names
     config = CoordinatorConfig(
-        rounds=RoundConfig(
-            rounds=args.rounds,
-            min_trainers=args.min_trainers,
-            fraction_train=args.fraction_train,
-            fraction_evaluate=args.fraction_evaluate,
-            local_steps=args.local_steps,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            eval_max_examples=args.eval_max_examples,
-            round_timeout=args.round_timeout,
-            aggregator=args.aggregator,
-            wire_dtype=args.wire_dtype,
-            seed=args.seed,
-        ),
+        rounds=round_config(args),
         model=model_config(args, len(labels)),
         label_names=labels,
         listen=args.listen,
@@ -126,9 +134,7 @@ async def coordinate(args: argparse.Namespace) -> int:
         max_adapter_bytes=args.max_adapter_bytes,
     )
     if args.fresh:
-        for name in ("metrics.jsonl", "checkpoints", "adapter", "logs"):
-            path = args.out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        clear_outputs(args.out)
     outputs = RunOutputs(args.out)
     model = await asyncio.to_thread(build_model, config.model)
     adapter = adapter_state(model)
@@ -137,71 +143,58 @@ async def coordinate(args: argparse.Namespace) -> int:
     if checkpoint is not None:
         run_id, start_round, adapter = checkpoint.metadata.get("run_id", run_id), checkpoint.round + 1, checkpoint.adapter
         outputs.truncate_metrics(checkpoint.round)
-        report.say(f"Resuming from the checkpoint of round {checkpoint.round} in {args.out} (--fresh starts over).")
+        report.say(f"Resuming after round {checkpoint.round} from the checkpoint in {args.out} (--fresh starts over).")
     else:
         outputs.truncate_metrics(-1)
-    report.say(f"Labels {list(labels)}; adapter of {len(adapter)} tensors, {sum(a.size for a in adapter.values()):,} parameters.")
+    report.say(
+        f"Labels {list(labels)}; adapter of {len(adapter)} tensors, {sum(a.size for a in adapter.values()):,} parameters."
+    )
 
     telemetry = Telemetry.create("phalanx-coordinator")
-    registry = Registry(telemetry, config.liveness_timeout)
-    federation = Federation(
-        config, registry, telemetry, outputs, adapter, run_id=run_id, start_round=start_round, on_round=report.round_done
-    )
-    server = Server(telemetry, [coordinator_pb2_grpc.DESCRIPTOR.services_by_name["CoordinatorService"].full_name])
-    coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
-        CoordinatorServicer(
-            registry,
-            run_id=run_id,
-            label_names=labels,
-            layout=layout_of(adapter),
-            heartbeat_interval=config.heartbeat_interval,
-            run_state=lambda: federation.state,
-        ),
-        server.grpc_server,
+    app = CoordinatorApp(
+        config, telemetry, outputs, adapter, run_id=run_id, start_round=start_round, on_round=report.round_done
     )
     spawned: TrainerProcesses | None = None
+    stopped_by: list[str] = []
     exit_code = 1
     try:
-        port = await server.start(config.listen)
-        address = f"{config.listen.rsplit(':', 1)[0]}:{port}"
+        address = await app.start()
         report.say(f"Coordinator listening on {address}; waiting for {args.min_trainers} trainers.")
-        run = asyncio.ensure_future(federation.run())
-        watchers = {run}
+        run = asyncio.ensure_future(app.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda sig=sig: (stopped_by.append(signal.Signals(sig).name), run.cancel()))
         if args.spawn_trainers:
             threads = args.trainer_threads or max(1, (os.cpu_count() or 1) // args.spawn_trainers)
-            spawned = TrainerProcesses(
-                args.spawn_trainers, address, model_and_data_flags(args), args.out / "logs", threads
-            )
+            spawned = TrainerProcesses(args.spawn_trainers, address, model_and_data_flags(args), args.out / "logs", threads)
             await spawned.start()
-            report.say(f"Started {args.spawn_trainers} trainers ({threads} torch thread each); logs in {args.out / 'logs'}.")
+            report.say(f"Started {args.spawn_trainers} trainers ({threads} torch threads each); logs in {args.out / 'logs'}.")
             early_exit = asyncio.ensure_future(spawned.first_exit())
-            watchers.add(early_exit)
-            done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
-            if run not in done and federation.state == coordinator_pb2.RUN_STATE_WAITING:
+            done, _ = await asyncio.wait({run, early_exit}, return_when=asyncio.FIRST_COMPLETED)
+            if run not in done and app.waiting_for_trainers:
                 run.cancel()
                 raise RuntimeError(early_exit.result())
             early_exit.cancel()
         await run
-        await asyncio.to_thread(save_adapter, model, federation.adapter, outputs.adapter_dir)
+        await asyncio.to_thread(save_adapter, model, app.federation.adapter, outputs.adapter_dir)
         report.summary(outputs.read_metrics(), str(args.out), time.perf_counter() - started)
         exit_code = 0
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
+        done = app.federation.completed_rounds
+        report.say(f"Stopped by {stopped_by[0]} after round {done}; run again with the same --out to resume.")
+        exit_code = 0 if stopped_by[0] == "SIGTERM" else 130
     except RoundFailed as exc:
-        log.error("%s", exc)
         report.say(f"Run failed: {exc}")
     except TimeoutError:
         report.say(f"Run failed: fewer than {args.min_trainers} trainers registered within {args.register_timeout:.0f} s.")
     except RuntimeError as exc:
         report.say(f"Run failed: {exc}")
     finally:
-        reason = "finished" if exit_code == 0 else "the coordinator stopped"
-        federation.state = coordinator_pb2.RUN_STATE_FINISHED  # heartbeats now tell trainers to exit
-        await asyncio.gather(
-            *(e.client.end_run(run_id, reason, timeout=5.0) for e in registry.all()), return_exceptions=True
-        )
+        await app.close("finished" if exit_code == 0 and not stopped_by else "the coordinator stopped")
         if spawned is not None:
             await spawned.stop()
-        await server.stop()
-        await registry.close()
         telemetry.shutdown()
     return exit_code
 
@@ -219,9 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; resume with the same --out", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

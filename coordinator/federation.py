@@ -124,6 +124,7 @@ class Federation:
         self.run_id = run_id
         self.adapter = initial
         self.start_round = start_round
+        self.completed_rounds = start_round - 1
         self.state = coordinator_pb2.RUN_STATE_WAITING
         self._on_round = on_round
         self._wire_dtype = WIRE_DTYPES[config.rounds.wire_dtype]
@@ -148,6 +149,7 @@ class Federation:
         for round_ in range(self.start_round, rounds.rounds + 1):
             rows.append(await self._round(round_))
             self.outputs.save_checkpoint(round_, self.adapter, {"run_id": self.run_id})
+            self.completed_rounds = round_
         self.state = coordinator_pb2.RUN_STATE_FINISHED
         return rows
 

@@ -13,7 +13,7 @@ import grpc
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, layout_of, manifest_of
 from phalanx.rpc import Server, create_channel
 from phalanx.telemetry import Telemetry
-from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc, trainer_pb2_grpc
+from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from trainer.learner import Learner
 from trainer.service import TrainerServicer
 
@@ -66,7 +66,7 @@ class TrainerNode:
         self._label_names = label_names
         self._ended = asyncio.Event()
         self._end_reason = ""
-        self._server = Server(telemetry, [trainer_pb2_grpc.DESCRIPTOR.services_by_name["TrainerService"].full_name])
+        self._server = Server(telemetry, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name])
         servicer = TrainerServicer(
             learner,
             telemetry,

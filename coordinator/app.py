@@ -1,0 +1,78 @@
+"""The coordinator's server, registry and round loop, started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from coordinator.config import CoordinatorConfig
+from coordinator.federation import Federation
+from coordinator.outputs import RunOutputs
+from coordinator.registry import Registry
+from coordinator.service import CoordinatorServicer
+from phalanx.codec import Adapter, layout_of
+from phalanx.rpc import Server
+from phalanx.telemetry import Telemetry
+from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+END_RUN_TIMEOUT_SECONDS = 5.0
+
+
+class CoordinatorApp:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        telemetry: Telemetry,
+        outputs: RunOutputs,
+        initial: Adapter,
+        *,
+        run_id: str,
+        start_round: int = 1,
+        on_round: Callable[[dict[str, Any]], None] = lambda row: None,
+    ) -> None:
+        self.config = config
+        self.registry = Registry(telemetry, config.liveness_timeout)
+        self.federation = Federation(
+            config, self.registry, telemetry, outputs, initial, run_id=run_id, start_round=start_round, on_round=on_round
+        )
+        self.server = Server(telemetry, [SERVICE_NAME])
+        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
+            CoordinatorServicer(
+                self.registry,
+                run_id=run_id,
+                label_names=config.label_names,
+                layout=layout_of(initial),
+                heartbeat_interval=config.heartbeat_interval,
+                run_state=lambda: self.federation.state,
+            ),
+            self.server.grpc_server,
+        )
+        self.address = ""
+
+    async def start(self) -> str:
+        """Serve on config.listen; return the address trainers should use."""
+        port = await self.server.start(self.config.listen)
+        self.address = f"{self.config.listen.rsplit(':', 1)[0]}:{port}"
+        return self.address
+
+    async def run(self) -> list[dict[str, Any]]:
+        return await self.federation.run()
+
+    @property
+    def waiting_for_trainers(self) -> bool:
+        return self.federation.state == coordinator_pb2.RUN_STATE_WAITING
+
+    async def close(self, reason: str) -> None:
+        """Tell every trainer the run is over, then stop serving and close the channels."""
+        self.federation.state = coordinator_pb2.RUN_STATE_FINISHED  # heartbeats now say so too
+        await asyncio.gather(
+            *(
+                e.client.end_run(self.federation.run_id, reason, timeout=END_RUN_TIMEOUT_SECONDS)
+                for e in self.registry.all()
+            ),
+            return_exceptions=True,
+        )
+        await self.server.stop()
+        await self.registry.close()

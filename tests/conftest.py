@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny BERT built from a config (fast), with the real packaged tokenizer."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT saved as a local model directory, with MiniLM's tokenizer files."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from phalanx.model import DEFAULT_MODEL, resolve_model_path
+
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    source = Path(resolve_model_path(DEFAULT_MODEL))
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, directory / name)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(directory)
+    return directory
