@@ -130,6 +130,7 @@ async def coordinate(args: argparse.Namespace) -> int:
         label_names=labels,
         listen=args.listen,
         out=args.out,
+        start_with=args.spawn_trainers,
         register_timeout=args.register_timeout,
         max_adapter_bytes=args.max_adapter_bytes,
     )
@@ -159,7 +160,7 @@ async def coordinate(args: argparse.Namespace) -> int:
     exit_code = 1
     try:
         address = await app.start()
-        report.say(f"Coordinator listening on {address}; waiting for {args.min_trainers} trainers.")
+        report.say(f"Coordinator listening on {address}; waiting for {max(args.min_trainers, args.spawn_trainers)} trainers.")
         run = asyncio.ensure_future(app.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

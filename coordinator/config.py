@@ -40,8 +40,10 @@ class CoordinatorConfig:
     label_names: tuple[str, ...] = ()
     listen: str = "127.0.0.1:50051"
     out: Path = Path("runs/latest")
+    start_with: int = 0
+    """Trainers to wait for before the first round (at least rounds.min_trainers)."""
     register_timeout: float = 300.0
-    """Seconds to wait for min_trainers registrations before giving up."""
+    """Seconds to wait for those registrations before giving up."""
     heartbeat_interval: float = 1.0
     liveness_timeout: float = 10.0
     """A trainer silent for this long is left out of sampling until it is heard from again."""

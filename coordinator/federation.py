@@ -141,7 +141,7 @@ class Federation:
     async def run(self) -> list[dict[str, Any]]:
         """Run the remaining rounds (evaluating the initial adapter first on a fresh run)."""
         rounds = self.config.rounds
-        await self.registry.wait_for(rounds.min_trainers, self.config.register_timeout)
+        await self.registry.wait_for(max(rounds.min_trainers, self.config.start_with), self.config.register_timeout)
         self.state = coordinator_pb2.RUN_STATE_RUNNING
         rows: list[dict[str, Any]] = []
         if self.start_round == 1:

@@ -27,6 +27,24 @@ class EvaluateReply:
     bytes_received: int
 
 
+class _Upload:
+    """The request stream of one call: a header, then the adapter's chunks; counts bytes sent."""
+
+    def __init__(self, request_type: type, header: object, adapter: EncodedAdapter) -> None:
+        self._request_type = request_type
+        self._header = header
+        self._adapter = adapter
+        self.bytes_sent = 0
+
+    async def __aiter__(self) -> AsyncIterator:
+        for message in (
+            self._request_type(header=self._header),
+            *(self._request_type(chunk=c) for c in self._adapter.chunks),
+        ):
+            self.bytes_sent += message.ByteSize()
+            yield message
+
+
 class TrainerClient:
     def __init__(self, address: str, telemetry: Telemetry) -> None:
         self.address = address
@@ -43,40 +61,24 @@ class TrainerClient:
         max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     ) -> TrainReply:
         """Send the global adapter, receive the trained one; raises AdapterError if it is malformed."""
-
-        async def requests() -> AsyncIterator[trainer_pb2.TrainRequest]:
-            yield trainer_pb2.TrainRequest(header=header)
-            for chunk in adapter.chunks:
-                yield trainer_pb2.TrainRequest(chunk=chunk)
-
-        call = self._stub.Train(requests(), timeout=timeout)
+        upload = _Upload(trainer_pb2.TrainRequest, header, adapter)
+        call = self._stub.Train(aiter(upload), timeout=timeout)
         try:
             result, trained, received = await read_adapter(call, "result", expected=expected, max_bytes=max_bytes)
         finally:
             call.cancel()  # no-op after a clean end; stops the trainer's stream after a rejection
         check_finite(trained)
-        sent = trainer_pb2.TrainRequest(header=header).ByteSize() + _chunk_bytes(adapter)
-        return TrainReply(result, trained, sent, received)
+        return TrainReply(result, trained, upload.bytes_sent, received)
 
     async def evaluate(
         self, header: trainer_pb2.EvaluateHeader, adapter: EncodedAdapter, *, timeout: float
     ) -> EvaluateReply:
-        async def requests() -> AsyncIterator[trainer_pb2.EvaluateRequest]:
-            yield trainer_pb2.EvaluateRequest(header=header)
-            for chunk in adapter.chunks:
-                yield trainer_pb2.EvaluateRequest(chunk=chunk)
-
-        result = await self._stub.Evaluate(requests(), timeout=timeout)
-        sent = trainer_pb2.EvaluateRequest(header=header).ByteSize() + _chunk_bytes(adapter)
-        return EvaluateReply(result, sent, result.ByteSize())
+        upload = _Upload(trainer_pb2.EvaluateRequest, header, adapter)
+        result = await self._stub.Evaluate(aiter(upload), timeout=timeout)
+        return EvaluateReply(result, upload.bytes_sent, result.ByteSize())
 
     async def end_run(self, run_id: str, reason: str, timeout: float) -> None:
         await self._stub.EndRun(trainer_pb2.EndRunRequest(run_id=run_id, reason=reason), timeout=timeout)
 
     async def close(self) -> None:
         await self._channel.close()
-
-
-def _chunk_bytes(adapter: EncodedAdapter) -> int:
-    """Serialised size of the chunk messages, each wrapped in its request's oneof."""
-    return sum(trainer_pb2.TrainRequest(chunk=c).ByteSize() for c in adapter.chunks)

@@ -12,6 +12,7 @@ import pytest
 
 from coordinator.__main__ import build_parser as coordinator_parser
 from phalanx.cli import parse_with_config
+from tests.otlp_collector import OtlpCollector, ReceivedSpan
 from trainer.__main__ import build_parser as trainer_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,8 +25,10 @@ DESIGN_FLAGS = {
 }  # fmt: skip
 
 
-def run_module(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def run_module(
+    module: str, *args: str, timeout: float, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -51,10 +54,10 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path: Path) -> None:
     assert trainer_parser().parse_args(["--partition", "1"]).partition == 1
 
 
-def run_federation(out: Path, *args: str, timeout: float) -> list[dict]:
+def run_federation(out: Path, *args: str, timeout: float, env: dict[str, str] | None = None) -> list[dict]:
     result = run_module(
         "coordinator", "--spawn-trainers", "2", "--listen", "127.0.0.1:0", "--out", str(out), "--fresh", *args,
-        timeout=timeout,
+        timeout=timeout, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Finished" in result.stdout
@@ -76,11 +79,33 @@ def assert_outputs_and_adapter_loads(out: Path, rounds: int) -> None:
     assert model(**batch).logits.shape == (1, 3)
 
 
-def test_spawned_federation_on_real_minilm_learns(tmp_path: Path) -> None:
-    rows = run_federation(
-        tmp_path, "--rounds", "3", "--local-steps", "8", "--batch-size", "16", "--lr", "2e-3",
-        "--eval-max-examples", "200", timeout=600,
-    )  # fmt: skip
+def assert_one_trace_per_round(spans: list[ReceivedSpan], rounds: int, trainers: int) -> None:
+    """Across processes: each trainer span has its round's fl.round span as an ancestor, same trace."""
+    by_id = {s.span_id: s for s in spans}
+    round_spans = {s.attributes["fl.round"]: s for s in spans if s.name == "fl.round"}
+    assert sorted(round_spans) == list(range(rounds + 1))
+    assert {s.service for s in round_spans.values()} == {"phalanx-coordinator"}
+    client = [s for s in spans if s.name in ("fl.client.train", "fl.client.evaluate")]
+    assert len(client) == trainers * rounds + trainers * (rounds + 1)
+    for span in client:
+        assert span.service == "phalanx-trainer"
+        target = round_spans[span.attributes["fl.round"]]
+        node = span
+        while node.parent_span_id and node.parent_span_id in by_id and node is not target:
+            node = by_id[node.parent_span_id]
+        assert node is target and span.trace_id == target.trace_id
+
+
+def test_spawned_federation_on_real_minilm_learns_and_exports_otlp(tmp_path: Path) -> None:
+    with OtlpCollector() as collector:
+        rows = run_federation(
+            tmp_path, "--rounds", "3", "--local-steps", "8", "--batch-size", "16", "--lr", "2e-3",
+            "--eval-max-examples", "200", timeout=600, env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint},
+        )  # fmt: skip
+    assert_one_trace_per_round(collector.spans, rounds=3, trainers=2)
+    assert {"fl.round.loss", "fl.round.accuracy", "fl.round.clients", "fl.client.examples", "fl.client.loss"} <= (
+        collector.metric_names
+    )
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert all(r["status"] == "ok" for r in rows)
     assert all(r["trainers_accepted"] == 2 and r["trainers_failed"] == 0 for r in rows[1:])
