@@ -25,6 +25,7 @@ from phalanx.cli import (
     add_common_arguments,
     configure_logging,
     data_config,
+    label_names,
     model_and_data_flags,
     model_config,
     parse_with_config,
@@ -45,7 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--spawn-trainers", type=int, default=0, help="start N local trainers on partitions 0..N-1")
     run.add_argument("--trainer-threads", type=int, default=0, help="torch threads per spawned trainer (0: cores / N)")
     run.add_argument("--register-timeout", type=float, default=300.0, help="seconds to wait for --min-trainers")
-    run.add_argument("--labels", default="", help="comma-separated label names (default: those of --data)")
     run.add_argument("--max-adapter-bytes", type=int, default=DEFAULT_MAX_ADAPTER_BYTES, help="largest reply accepted")
     rounds = parser.add_argument_group("rounds")
     rounds.add_argument("--rounds", type=int, default=8, help="federated rounds")
@@ -120,10 +120,7 @@ async def coordinate(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     report = Report(args.rounds)
-    if args.labels:
-        labels = tuple(x.strip() for x in args.labels.split(","))
-    else:
-        labels = (await asyncio.to_thread(load_source, data_config(args))).label_names
+    labels = label_names(args) or (await asyncio.to_thread(load_source, data_config(args))).label_names
     config = CoordinatorConfig(
         rounds=round_config(args),
         model=model_config(args, len(labels)),

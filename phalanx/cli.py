@@ -43,6 +43,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--partitioner", choices=PARTITIONERS, default="iid", help="how sites split one data set")
     group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partitioner dirichlet)")
     group.add_argument("--test-fraction", type=float, default=0.1, help="share of each site's data held out")
+    group.add_argument(
+        "--labels", default="", help="the run's comma-separated label names in class order (default: those in --data)"
+    )
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,14 +95,19 @@ def data_config(args: argparse.Namespace) -> DataConfig:
         alpha=args.alpha,
         test_fraction=args.test_fraction,
         seed=args.seed,
+        label_names=label_names(args),
     )
+
+
+def label_names(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(name.strip() for name in args.labels.split(",") if name.strip())
 
 
 def model_and_data_flags(args: argparse.Namespace) -> list[str]:
     """The model and data flags of `args` as a command line, to start trainers that match."""
     names = (
         "model", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_length",
-        "data", "text_column", "label_column", "partitioner", "alpha", "test_fraction", "seed",
+        "data", "text_column", "label_column", "partitioner", "alpha", "test_fraction", "seed", "labels",
     )  # fmt: skip
     flags: list[str] = []
     for name in names:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from phalanx.data import DEFAULT_DATASET, TextDataset, load_dataset
+import numpy as np
+
+from phalanx.data import DEFAULT_DATASET, DataError, TextDataset, load_dataset
 from phalanx.partition import Partition, load_partition
 
 
@@ -20,10 +23,23 @@ class DataConfig:
     """Dirichlet concentration: smaller means more label skew between sites."""
     test_fraction: float = 0.1
     seed: int = 0
+    label_names: tuple[str, ...] = ()
+    """The run's label set in class-id order; empty means the sorted labels found in the data."""
+
+
+def relabel(dataset: TextDataset, label_names: Sequence[str]) -> TextDataset:
+    """The same examples with class ids into `label_names` (a site may lack some classes)."""
+    unknown = sorted(set(dataset.label_names) - set(label_names))
+    if unknown:
+        raise DataError(f"labels {unknown} in the data are not among the run's labels {list(label_names)}")
+    position = {name: i for i, name in enumerate(label_names)}
+    mapping = np.array([position[name] for name in dataset.label_names], dtype=np.int64)
+    return TextDataset(dataset.texts, mapping[dataset.labels], tuple(label_names))
 
 
 def load_source(config: DataConfig) -> TextDataset:
-    return load_dataset(config.source, text_column=config.text_column, label_column=config.label_column)
+    dataset = load_dataset(config.source, text_column=config.text_column, label_column=config.label_column)
+    return relabel(dataset, config.label_names) if config.label_names else dataset
 
 
 def load_site(config: DataConfig, partition: int, num_partitions: int) -> Partition:
