@@ -190,10 +190,6 @@ class EncodedAdapter:
     manifest: pb.AdapterManifest
     chunks: tuple[pb.AdapterChunk, ...]
 
-    @property
-    def wire_bytes(self) -> int:
-        return self.manifest.ByteSize() + sum(c.ByteSize() for c in self.chunks)
-
 
 def encode(
     adapter: Mapping[str, np.ndarray],

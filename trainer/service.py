@@ -55,7 +55,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, requests: AsyncIterator[trainer_pb2.TrainRequest], context: grpc.aio.ServicerContext
     ) -> tuple[trainer_pb2.TrainResult, EncodedAdapter]:
         with self._tracer.start_as_current_span("fl.client.train", attributes={"fl.partition": self._partition}) as span:
-            header, adapter = await self._receive(requests, "header", context)
+            header, adapter = await self._receive(requests, context)
             span.set_attribute("fl.round", header.round)
             reply_dtype = header.reply_dtype or adapter_pb2.DATA_TYPE_FLOAT32
             outcome = await self._in_worker(
@@ -92,7 +92,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         with self._tracer.start_as_current_span(
             "fl.client.evaluate", attributes={"fl.partition": self._partition}
         ) as span:
-            header, adapter = await self._receive(request_iterator, "header", context)
+            header, adapter = await self._receive(request_iterator, context)
             span.set_attribute("fl.round", header.round)
             outcome = await self._in_worker(
                 context,
@@ -122,10 +122,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._on_end_run(request.reason)
         return trainer_pb2.EndRunResponse()
 
-    async def _receive(self, requests, header_field: str, context: grpc.aio.ServicerContext):
+    async def _receive(self, requests: AsyncIterator, context: grpc.aio.ServicerContext):
+        """The request stream's header and the validated adapter it carries; aborts the call if malformed."""
         try:
             header, adapter, _ = await read_adapter(
-                requests, header_field, expected=self._expected, max_bytes=self._max_bytes
+                requests, "header", expected=self._expected, max_bytes=self._max_bytes
             )
             check_finite(adapter)
         except AdapterError as exc:
