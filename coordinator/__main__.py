@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--spawn-trainers", type=int, default=0, help="start N local trainers on partitions 0..N-1")
     run.add_argument("--trainer-threads", type=int, default=0, help="torch threads per spawned trainer (0: cores / N)")
     run.add_argument("--register-timeout", type=float, default=300.0, help="seconds to wait for --min-trainers")
+    run.add_argument(
+        "--shutdown-grace", type=float, default=30.0, help="on SIGTERM/SIGINT, seconds the round in flight may finish in"
+    )
     run.add_argument("--max-adapter-bytes", type=int, default=DEFAULT_MAX_ADAPTER_BYTES, help="largest reply accepted")
     rounds = parser.add_argument_group("rounds")
     rounds.add_argument("--rounds", type=int, default=8, help="federated rounds")
@@ -57,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     rounds.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     rounds.add_argument("--eval-max-examples", type=int, default=400, help="test examples per trainer (0: all)")
     rounds.add_argument("--round-timeout", type=float, default=300.0, help="seconds a trainer has to answer a call")
+    rounds.add_argument("--round-retries", type=int, default=0, help="times a failed round is tried again")
     rounds.add_argument("--aggregator", choices=AGGREGATORS, default="fedavg", help="aggregation strategy")
+    rounds.add_argument("--trim", type=float, default=0.2, help="share cut at each end per coordinate by trimmed-mean")
+    rounds.add_argument("--clip-norm", type=float, default=0.0, help="clip each update's L2 norm to this (0: off)")
+    rounds.add_argument(
+        "--deterministic", action="store_true", help="fold replies in a fixed order: bit-identical reruns, more memory"
+    )
     rounds.add_argument("--wire-dtype", choices=sorted(WIRE_DTYPES), default="float32", help="adapter dtype on the wire")
     add_common_arguments(parser)
     return parser
@@ -71,6 +80,10 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         (0 < args.fraction_evaluate <= 1, "--fraction-evaluate must be in (0, 1]"),
         (args.local_steps >= 1, "--local-steps must be at least 1"),
         (args.round_timeout > 0, "--round-timeout must be positive"),
+        (args.round_retries >= 0, "--round-retries cannot be negative"),
+        (0 <= args.trim < 0.5, "--trim must be in [0, 0.5)"),
+        (args.clip_norm >= 0, "--clip-norm cannot be negative"),
+        (args.shutdown_grace >= 0, "--shutdown-grace cannot be negative"),
         (args.spawn_trainers >= 0, "--spawn-trainers cannot be negative"),
         (
             args.spawn_trainers == 0 or args.spawn_trainers >= args.min_trainers,
@@ -94,6 +107,10 @@ def round_config(args: argparse.Namespace) -> RoundConfig:
         eval_max_examples=args.eval_max_examples,
         round_timeout=args.round_timeout,
         aggregator=args.aggregator,
+        trim=args.trim,
+        clip_norm=args.clip_norm,
+        deterministic=args.deterministic,
+        round_retries=args.round_retries,
         wire_dtype=args.wire_dtype,
         seed=args.seed,
     )
@@ -160,8 +177,19 @@ async def coordinate(args: argparse.Namespace) -> int:
         report.say(f"Coordinator listening on {address}; waiting for {max(args.min_trainers, args.spawn_trainers)} trainers.")
         run = asyncio.ensure_future(app.run())
         loop = asyncio.get_running_loop()
+
+        def stop(sig: signal.Signals) -> None:
+            """First signal: stop serving new work, let the round finish within the grace period. Second: stop now."""
+            stopped_by.append(sig.name)
+            if len(stopped_by) > 1 or app.waiting_for_trainers:
+                run.cancel()
+                return
+            report.say(f"{sig.name}: finishing the round in flight (at most {args.shutdown_grace:.0f} s), then stopping.")
+            app.stop_after_round()
+            loop.call_later(args.shutdown_grace, run.cancel)
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda sig=sig: (stopped_by.append(signal.Signals(sig).name), run.cancel()))
+            loop.add_signal_handler(sig, stop, sig)
         if args.spawn_trainers:
             threads = args.trainer_threads or max(1, (os.cpu_count() or 1) // args.spawn_trainers)
             spawned = TrainerProcesses(args.spawn_trainers, address, model_and_data_flags(args), args.out / "logs", threads)
@@ -174,6 +202,8 @@ async def coordinate(args: argparse.Namespace) -> int:
                 raise RuntimeError(early_exit.result())
             early_exit.cancel()
         await run
+        if stopped_by:
+            raise asyncio.CancelledError
         await asyncio.to_thread(save_adapter, model, app.federation.adapter, outputs.adapter_dir)
         report.summary(outputs.read_metrics(), str(args.out), time.perf_counter() - started)
         exit_code = 0

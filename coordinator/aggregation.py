@@ -2,47 +2,141 @@
 
 Every strategy checks a reply against the global adapter's layout before it touches a value: a
 reply whose key set or shapes differ raises AdapterError and is never partially averaged.
+
+- `fedavg`: the weighted mean, accumulated reply by reply into one float32 running sum per key,
+  so memory does not grow with the number of replies.
+- `median`: the coordinate-wise median; unweighted, and robust to any minority of outliers.
+- `trimmed-mean`: per coordinate, drop the `trim` share of largest and smallest values, then
+  average the rest; unweighted.
+
+The robust strategies must hold every reply until the round ends. `clip_update` bounds each
+update's L2 distance from the global adapter and works with any strategy.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
 
 from phalanx.codec import Adapter, AdapterError, TensorLayout, check_layout, layout_of
 
-AGGREGATORS = ("fedavg",)
+AGGREGATORS = ("fedavg", "median", "trimmed-mean")
+DEFAULT_TRIM = 0.2
 
 
-class FedAvg:
-    """Weighted mean (weights: example counts), accumulated reply by reply.
-
-    Memory stays at one float64 running sum per key however many replies arrive.
-    """
+class Aggregator:
+    """Checks each reply's layout and weight, then hands it to `_add`."""
 
     def __init__(self, reference: Mapping[str, np.ndarray]) -> None:
         self._layout: tuple[TensorLayout, ...] = layout_of(reference)
-        self._sum = {name: np.zeros(array.shape, dtype=np.float64) for name, array in reference.items()}
-        self._weight = 0.0
+        self._names = tuple(reference)
         self.count = 0
 
-    def add(self, adapter: Mapping[str, np.ndarray], weight: float) -> None:
-        if not weight > 0:
-            raise AdapterError(f"weight must be positive, got {weight}")
+    def check(self, adapter: Mapping[str, np.ndarray], weight: float) -> None:
+        """Raise AdapterError if `add` would refuse this reply."""
+        if not (weight > 0 and math.isfinite(weight)):
+            raise AdapterError(f"weight must be positive and finite, got {weight}")
         check_layout(layout_of(adapter), self._layout)
-        for name, total in self._sum.items():
-            total += weight * np.asarray(adapter[name], dtype=np.float64)
-        self._weight += weight
+
+    def add(self, adapter: Mapping[str, np.ndarray], weight: float) -> None:
+        self.check(adapter, weight)
+        self._add(adapter, weight)
         self.count += 1
 
     def result(self) -> Adapter:
         if self.count == 0:
             raise ValueError("no replies to aggregate")
-        return {name: (total / self._weight).astype(np.float32) for name, total in self._sum.items()}
+        return self._result()
+
+    def _add(self, adapter: Mapping[str, np.ndarray], weight: float) -> None:
+        raise NotImplementedError
+
+    def _result(self) -> Adapter:
+        raise NotImplementedError
 
 
-def create_aggregator(name: str, reference: Mapping[str, np.ndarray]) -> FedAvg:
+class FedAvg(Aggregator):
+    """Weighted mean (weights: example counts), accumulated reply by reply.
+
+    Per key and reply: one multiply into a scratch buffer, one in-place add; no Python loop
+    over elements and no per-reply allocation. Two replies give the same bits in either order.
+    """
+
+    def __init__(self, reference: Mapping[str, np.ndarray]) -> None:
+        super().__init__(reference)
+        self._sum = {name: np.zeros(np.shape(array), dtype=np.float32) for name, array in reference.items()}
+        self._scratch = np.empty(max((a.size for a in self._sum.values()), default=0), dtype=np.float32)
+        self._weight = 0.0
+
+    def _add(self, adapter: Mapping[str, np.ndarray], weight: float) -> None:
+        w = np.float32(weight)
+        for name, total in self._sum.items():
+            scaled = self._scratch[: total.size].reshape(total.shape)
+            np.multiply(adapter[name], w, out=scaled)
+            total += scaled
+        self._weight += weight
+
+    def _result(self) -> Adapter:
+        scale = np.float32(1.0 / self._weight)
+        return {name: total * scale for name, total in self._sum.items()}
+
+
+class _Stacking(Aggregator):
+    """Holds every reply; `_reduce` turns a (replies, *shape) stack into one tensor."""
+
+    def __init__(self, reference: Mapping[str, np.ndarray]) -> None:
+        super().__init__(reference)
+        self._replies: list[Mapping[str, np.ndarray]] = []
+
+    def _add(self, adapter: Mapping[str, np.ndarray], weight: float) -> None:
+        self._replies.append(adapter)
+
+    def _result(self) -> Adapter:
+        return {
+            name: self._reduce(np.stack([np.asarray(r[name], dtype=np.float32) for r in self._replies]))
+            for name in self._names
+        }
+
+    def _reduce(self, stack: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+class CoordinateMedian(_Stacking):
+    def _reduce(self, stack: np.ndarray) -> np.ndarray:
+        return np.median(stack, axis=0).astype(np.float32)
+
+
+class TrimmedMean(_Stacking):
+    def __init__(self, reference: Mapping[str, np.ndarray], trim: float = DEFAULT_TRIM) -> None:
+        if not 0 <= trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+        super().__init__(reference)
+        self.trim = trim
+
+    def _reduce(self, stack: np.ndarray) -> np.ndarray:
+        k = int(self.trim * len(stack))
+        kept = np.sort(stack, axis=0)[k : len(stack) - k]
+        return kept.mean(axis=0, dtype=np.float32)
+
+
+def clip_update(
+    reference: Mapping[str, np.ndarray], adapter: Mapping[str, np.ndarray], max_norm: float
+) -> tuple[Adapter, float]:
+    """Scale `adapter - reference` down to L2 norm `max_norm` if it is longer; return it and its norm."""
+    norm = math.sqrt(sum(float(np.sum(np.square(adapter[k] - reference[k], dtype=np.float64))) for k in reference))
+    if norm <= max_norm:
+        return dict(adapter), norm
+    scale = np.float32(max_norm / norm)
+    return {k: reference[k] + (np.asarray(adapter[k], dtype=np.float32) - reference[k]) * scale for k in reference}, norm
+
+
+def create_aggregator(name: str, reference: Mapping[str, np.ndarray], *, trim: float = DEFAULT_TRIM) -> Aggregator:
     if name == "fedavg":
         return FedAvg(reference)
+    if name == "median":
+        return CoordinateMedian(reference)
+    if name == "trimmed-mean":
+        return TrimmedMean(reference, trim)
     raise ValueError(f"unknown aggregator {name!r}; choose from {', '.join(AGGREGATORS)}")

@@ -64,6 +64,11 @@ class CoordinatorApp:
     def waiting_for_trainers(self) -> bool:
         return self.federation.state == coordinator_pb2.RUN_STATE_WAITING
 
+    def stop_after_round(self) -> None:
+        """Report NOT_SERVING at once, so orchestrators look elsewhere; end the run after the round in flight."""
+        asyncio.get_running_loop().create_task(self.server.drain())
+        self.federation.stop_after_round()
+
     async def close(self, reason: str) -> None:
         """Tell every trainer the run is over, then stop serving and close the channels."""
         self.federation.state = coordinator_pb2.RUN_STATE_FINISHED  # heartbeats now say so too

@@ -28,6 +28,14 @@ class RoundConfig:
     round_timeout: float = 300.0
     """Seconds a trainer has to answer Train or Evaluate before it is left out of the round."""
     aggregator: str = "fedavg"
+    trim: float = 0.2
+    """Share of values dropped at each end of every coordinate by the trimmed-mean aggregator."""
+    clip_norm: float = 0.0
+    """Scale each update (reply minus global adapter) down to this L2 norm; 0 turns clipping off."""
+    deterministic: bool = False
+    """Fold replies in a fixed order, so a rerun gives the same bits (holds every reply until the round ends)."""
+    round_retries: int = 0
+    """Times a round whose training phase fails is tried again before the run fails."""
     wire_dtype: str = "float32"
     """Element type of adapters on the wire: float32, or float16 / bfloat16 for half the bytes."""
     seed: int = 0

@@ -7,7 +7,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,11 +15,13 @@ import grpc
 import numpy as np
 from opentelemetry.trace import Span, StatusCode
 
-from coordinator.aggregation import create_aggregator
+from coordinator.aggregation import clip_update, create_aggregator
 from coordinator.config import CoordinatorConfig
 from coordinator.outputs import RunOutputs
 from coordinator.registry import Registry, TrainerEntry
+from coordinator.trainer_client import EvaluateReply, TrainReply
 from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, EncodedAdapter, encode, layout_of
+from phalanx.streams import status_for
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import coordinator_pb2, trainer_pb2
 
@@ -37,6 +39,8 @@ class Participation:
     trainer: str
     phase: str
     status: str  # "accepted", "failed" (no usable answer) or "rejected" (bad adapter or reply)
+    code: str = ""
+    """gRPC status name: OK, the call's status when it failed, or the one that names a rejection."""
     reason: str = ""
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -77,7 +81,7 @@ class RoundStats:
             "trainers_failed": len(self.train) - len(trained),
             "evaluators": len(self.evaluate),
             "failures": [
-                {"trainer": p.trainer, "phase": p.phase, "status": p.status, "reason": p.reason}
+                {"trainer": p.trainer, "phase": p.phase, "status": p.status, "code": p.code, "reason": p.reason}
                 for p in everyone
                 if p.status != "accepted"
             ],
@@ -126,6 +130,7 @@ class Federation:
         self.start_round = start_round
         self.completed_rounds = start_round - 1
         self.state = coordinator_pb2.RUN_STATE_WAITING
+        self._stop_requested = False
         self._on_round = on_round
         self._wire_dtype = WIRE_DTYPES[config.rounds.wire_dtype]
         self._expected = layout_of(initial, self._wire_dtype)
@@ -135,11 +140,19 @@ class Federation:
         self._loss_gauge = meter.create_gauge("fl.round.loss", description="aggregated evaluation loss")
         self._accuracy_gauge = meter.create_gauge("fl.round.accuracy", description="aggregated evaluation accuracy")
         self._clients = meter.create_counter(
-            "fl.round.clients", unit="{trainer}", description="trainer answers per round, by phase and status"
+            "fl.round.clients", unit="{trainer}", description="trainer answers per round, by phase, status and code"
         )
 
+    def stop_after_round(self) -> None:
+        """Finish the round in flight (and its checkpoint), then return from run()."""
+        self._stop_requested = True
+
     async def run(self) -> list[dict[str, Any]]:
-        """Run the remaining rounds (evaluating the initial adapter first on a fresh run)."""
+        """Run the remaining rounds (evaluating the initial adapter first on a fresh run).
+
+        A round whose training phase fails is tried again up to `round_retries` times before
+        RoundFailed ends the run.
+        """
         rounds = self.config.rounds
         await self.registry.wait_for(max(rounds.min_trainers, self.config.start_with), self.config.register_timeout)
         self.state = coordinator_pb2.RUN_STATE_RUNNING
@@ -147,18 +160,29 @@ class Federation:
         if self.start_round == 1:
             rows.append(await self._round(0))
         for round_ in range(self.start_round, rounds.rounds + 1):
-            rows.append(await self._round(round_))
+            if self._stop_requested:
+                return rows
+            for attempt in range(rounds.round_retries + 1):
+                try:
+                    rows.append(await self._round(round_, attempt))
+                    break
+                except RoundFailed as exc:
+                    if attempt == rounds.round_retries or self._stop_requested:
+                        raise
+                    log.warning("%s; trying the round again (%d of %d)", exc, attempt + 1, rounds.round_retries)
             self.outputs.save_checkpoint(round_, self.adapter, {"run_id": self.run_id})
             self.completed_rounds = round_
         self.state = coordinator_pb2.RUN_STATE_FINISHED
         return rows
 
-    async def _round(self, round_: int) -> dict[str, Any]:
+    async def _round(self, round_: int, attempt: int = 0) -> dict[str, Any]:
         """Round 0 only evaluates the initial adapter; later rounds train, aggregate and evaluate."""
         stats = RoundStats(round_)
         started = time.perf_counter()
         failure: RoundFailed | None = None
         with self._tracer.start_as_current_span("fl.round", attributes={"fl.round": round_}) as span:
+            if attempt:
+                span.set_attribute("fl.attempt", attempt)
             try:
                 if round_ > 0:
                     self.adapter = await self._train(round_, stats, span)
@@ -174,16 +198,38 @@ class Federation:
                 span.set_attributes({"fl.loss": loss, "fl.accuracy": accuracy})
                 self._loss_gauge.set(loss)
                 self._accuracy_gauge.set(accuracy)
-        for p in stats.train + stats.evaluate:
-            self._clients.add(1, {"fl.phase": p.phase, "fl.status": p.status})
-            if p.status != "accepted":
-                log.warning("round %d: %s %s %s: %s", round_, p.phase, p.status, p.trainer, p.reason)
+            for p in stats.train + stats.evaluate:
+                self._clients.add(1, {"fl.phase": p.phase, "fl.status": p.status, "rpc.grpc.status_code": p.code})
+                if p.status != "accepted":
+                    span.add_event(
+                        f"fl.client.{p.status}",
+                        {"fl.trainer": p.trainer, "fl.phase": p.phase, "rpc.grpc.status_code": p.code, "fl.reason": p.reason},
+                    )
+                    log.warning("round %d: %s %s %s: %s %s", round_, p.phase, p.status, p.trainer, p.code, p.reason)
         row = stats.row(self._adapter_bytes, "failed" if failure else "ok")
+        if attempt:
+            row["attempt"] = attempt
         self.outputs.append_metrics(row)
         self._on_round(row)
         if failure is not None:
             raise failure
         return row
+
+    async def _ask(
+        self, entry: TrainerEntry, phase: str, call: Callable[[], Awaitable[Any]], accept: Callable[[Any, Participation], None]
+    ) -> Participation:
+        """Make one call to one trainer and sort its outcome: accepted, failed (no answer) or rejected."""
+        p = Participation(entry.name, phase, "failed")
+        try:
+            reply = await call()
+            p.bytes_sent, p.bytes_received = reply.bytes_sent, reply.bytes_received
+            accept(reply, p)
+            p.status, p.code = "accepted", grpc.StatusCode.OK.name
+        except grpc.aio.AioRpcError as exc:
+            p.code, p.reason = exc.code().name, exc.details() or ""
+        except AdapterError as exc:
+            p.status, p.code, p.reason = "rejected", status_for(exc).name, str(exc)
+        return p
 
     async def _train(self, round_: int, stats: RoundStats, span: Span) -> Adapter:
         rounds = self.config.rounds
@@ -192,9 +238,23 @@ class Federation:
         if len(sampled) < rounds.min_trainers:
             raise RoundFailed(f"round {round_}: only {len(sampled)} live trainers, need {rounds.min_trainers}")
         encoded = encode(self.adapter, self._wire_dtype)
-        aggregator = create_aggregator(rounds.aggregator, self.adapter)
+        aggregator = create_aggregator(rounds.aggregator, self.adapter, trim=rounds.trim)
+        held: dict[str, tuple[Adapter, float]] = {}  # accepted replies, when folded in a fixed order
 
-        async def train_one(entry: TrainerEntry) -> Participation:
+        def accept(entry: TrainerEntry, reply: TrainReply, p: Participation) -> None:
+            adapter, weight = reply.adapter, float(reply.result.num_examples)
+            if rounds.clip_norm > 0:
+                adapter, norm = clip_update(self.adapter, adapter, rounds.clip_norm)
+                if norm > rounds.clip_norm:
+                    log.info("round %d: update of %s clipped from norm %.4g to %g", round_, entry.name, norm, rounds.clip_norm)
+            if rounds.deterministic:
+                aggregator.check(adapter, weight)
+                held[entry.name] = (adapter, weight)
+            else:
+                aggregator.add(adapter, weight)
+            p.num_examples, p.loss = reply.result.num_examples, reply.result.loss
+
+        def train_one(entry: TrainerEntry) -> Awaitable[Participation]:
             header = trainer_pb2.TrainHeader(
                 run_id=self.run_id,
                 round=round_,
@@ -205,28 +265,22 @@ class Federation:
                 reply_dtype=self._wire_dtype,
                 adapter=encoded.manifest,
             )
-            p = Participation(entry.name, "train", "failed")
-            try:
-                reply = await entry.client.train(
+            return self._ask(
+                entry,
+                "train",
+                lambda: entry.client.train(
                     header, encoded, expected=self._expected, timeout=rounds.round_timeout,
                     max_bytes=self.config.max_adapter_bytes,
-                )  # fmt: skip
-                p.bytes_sent, p.bytes_received = reply.bytes_sent, reply.bytes_received
-                result = reply.result
-                if result.round != round_ or result.run_id != self.run_id:
-                    raise AdapterError(f"reply is for round {result.round} of run {result.run_id!r}")
-                aggregator.add(reply.adapter, float(result.num_examples))
-                p.status, p.num_examples, p.loss = "accepted", result.num_examples, result.loss
-            except grpc.aio.AioRpcError as exc:
-                p.reason = f"{exc.code().name}: {exc.details()}"
-            except AdapterError as exc:
-                p.status, p.reason = "rejected", str(exc)
-            return p
+                ),  # fmt: skip
+                lambda reply, p: accept(entry, reply, p),
+            )
 
         stats.train = list(await asyncio.gather(*(train_one(e) for e in sampled)))
+        for name in sorted(held):  # sampled trainers are unique by name, so this order is fixed
+            aggregator.add(*held[name])
         accepted = sum(p.status == "accepted" for p in stats.train)
         if accepted < rounds.min_trainers:
-            reasons = "; ".join(f"{p.trainer}: {p.reason}" for p in stats.train if p.status != "accepted")
+            reasons = "; ".join(f"{p.trainer}: {p.code} {p.reason}" for p in stats.train if p.status != "accepted")
             raise RoundFailed(f"round {round_}: {accepted} accepted replies, need {rounds.min_trainers} ({reasons})")
         return aggregator.result()
 
@@ -242,22 +296,19 @@ class Federation:
             adapter=encoded.manifest,
         )
 
-        async def evaluate_one(entry: TrainerEntry) -> Participation:
-            p = Participation(entry.name, "evaluate", "failed")
-            try:
-                reply = await entry.client.evaluate(header, encoded, timeout=rounds.round_timeout)
-            except grpc.aio.AioRpcError as exc:
-                p.reason = f"{exc.code().name}: {exc.details()}"
-                return p
-            p.bytes_sent, p.bytes_received = reply.bytes_sent, reply.bytes_received
+        def accept(reply: EvaluateReply, p: Participation) -> None:
             r = reply.result
-            if r.round != round_ or r.run_id != self.run_id:
-                p.status, p.reason = "rejected", f"reply is for round {r.round} of run {r.run_id!r}"
-            elif r.num_examples == 0 or not (math.isfinite(r.loss) and 0.0 <= r.accuracy <= 1.0):
-                p.status, p.reason = "rejected", f"implausible evaluation: {r.num_examples} examples, loss {r.loss}, accuracy {r.accuracy}"
-            else:
-                p.status, p.num_examples, p.loss, p.accuracy = "accepted", r.num_examples, r.loss, r.accuracy
-            return p
+            if r.num_examples == 0 or not (math.isfinite(r.loss) and 0.0 <= r.accuracy <= 1.0):
+                raise AdapterError(
+                    f"implausible evaluation: {r.num_examples} examples, loss {r.loss}, accuracy {r.accuracy}"
+                )
+            p.num_examples, p.loss, p.accuracy = r.num_examples, r.loss, r.accuracy
 
-        stats.evaluate = list(await asyncio.gather(*(evaluate_one(e) for e in chosen)))
-
+        stats.evaluate = list(
+            await asyncio.gather(
+                *(
+                    self._ask(e, "evaluate", lambda e=e: e.client.evaluate(header, encoded, timeout=rounds.round_timeout), accept)
+                    for e in chosen
+                )
+            )
+        )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, EncodedAdapter, TensorLayout, check_finite
 from phalanx.rpc import create_channel
-from phalanx.streams import read_adapter
+from phalanx.streams import check_round, read_adapter
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -60,11 +60,20 @@ class TrainerClient:
         timeout: float,
         max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     ) -> TrainReply:
-        """Send the global adapter, receive the trained one; raises AdapterError if it is malformed."""
+        """Send the global adapter, receive the trained one.
+
+        Raises AdapterError if the reply is malformed or WrongRound if it is for another round.
+        """
         upload = _Upload(trainer_pb2.TrainRequest, header, adapter)
         call = self._stub.Train(aiter(upload), timeout=timeout)
         try:
-            result, trained, received = await read_adapter(call, "result", expected=expected, max_bytes=max_bytes)
+            result, trained, received = await read_adapter(
+                call,
+                "result",
+                expected=expected,
+                max_bytes=max_bytes,
+                check_header=lambda result: check_round(result, header.run_id, header.round),
+            )
         finally:
             call.cancel()  # no-op after a clean end; stops the trainer's stream after a rejection
         check_finite(trained)
@@ -75,6 +84,7 @@ class TrainerClient:
     ) -> EvaluateReply:
         upload = _Upload(trainer_pb2.EvaluateRequest, header, adapter)
         result = await self._stub.Evaluate(aiter(upload), timeout=timeout)
+        check_round(result, header.run_id, header.round)
         return EvaluateReply(result, upload.bytes_sent, result.ByteSize())
 
     async def end_run(self, run_id: str, reason: str, timeout: float) -> None:

@@ -3,6 +3,7 @@
 Options, each set once here:
 - message size: the same send and receive limit on channels and servers; chunks carry at most
   1 MiB (codec.CHUNK_BYTES), so MAX_MESSAGE_BYTES leaves room for headers.
+- reconnect backoff: channels retry a lost peer from 0.5 s up to 5 s (jittered), not gRPC's 120 s.
 - keepalive: both ends ping an idle connection so a dead peer or a silent network partition is
   noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS, and the server allows pings that often.
 - interceptors: OpenTelemetry's first (outermost), passed explicitly with our tracer provider.
@@ -25,6 +26,8 @@ MAX_MESSAGE_BYTES = 4 * CHUNK_BYTES
 KEEPALIVE_TIME_MS = 10_000
 KEEPALIVE_TIMEOUT_MS = 5_000
 SHUTDOWN_GRACE_SECONDS = 5.0
+RECONNECT_FIRST_MS = 500
+RECONNECT_MAX_MS = 5_000
 
 _COMMON_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -34,6 +37,13 @@ _COMMON_OPTIONS: list[tuple[str, int]] = [
     # Ping even when no call is in flight, so idle links to trainers are checked too.
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+]
+
+_CHANNEL_OPTIONS = _COMMON_OPTIONS + [
+    # Reconnect soon after a peer comes back (gRPC adds jitter); the default backoff grows to 120 s.
+    ("grpc.initial_reconnect_backoff_ms", RECONNECT_FIRST_MS),
+    ("grpc.min_reconnect_backoff_ms", RECONNECT_FIRST_MS),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
 ]
 
 _SERVER_OPTIONS = _COMMON_OPTIONS + [
@@ -47,7 +57,7 @@ _SERVER_OPTIONS = _COMMON_OPTIONS + [
 
 def create_channel(target: str, telemetry: Telemetry) -> grpc.aio.Channel:
     """An insecure channel to `target` (host:port) with tracing; create it inside a coroutine."""
-    return grpc.aio.insecure_channel(target, options=_COMMON_OPTIONS, interceptors=telemetry.client_interceptors())
+    return grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS, interceptors=telemetry.client_interceptors())
 
 
 class Server:
@@ -72,9 +82,13 @@ class Server:
         await self._set_serving(health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
+    async def drain(self) -> None:
+        """Report NOT_SERVING on every service while still answering calls."""
+        await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Report NOT_SERVING, then stop, giving in-flight calls `grace` seconds."""
-        await self._set_serving(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.drain()
         await self.grpc_server.stop(grace)
 
     async def _set_serving(self, status: int) -> None:

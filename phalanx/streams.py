@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -11,9 +11,27 @@ from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterAssembler, 
 from phalanx.v1 import adapter_pb2
 
 
+class WrongRound(AdapterError):
+    """A message for another run or round than the one open: a closed, unknown or replayed round."""
+
+
 def status_for(error: AdapterError) -> grpc.StatusCode:
-    """RESOURCE_EXHAUSTED for an oversized adapter, INVALID_ARGUMENT for any other malformed one."""
-    return grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, AdapterTooLarge) else grpc.StatusCode.INVALID_ARGUMENT
+    """The status that names a rejected message's fault.
+
+    RESOURCE_EXHAUSTED for an oversized adapter, FAILED_PRECONDITION for a message from another
+    round, INVALID_ARGUMENT for any other malformed input.
+    """
+    if isinstance(error, AdapterTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, WrongRound):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+def check_round(message: Any, run_id: str, round_: int) -> None:
+    """Raise WrongRound unless `message` (a reply with run_id and round fields) is for this round."""
+    if message.run_id != run_id or message.round != round_:
+        raise WrongRound(f"reply is for round {message.round} of run {message.run_id!r}; open is round {round_} of run {run_id!r}")
 
 
 async def read_adapter(
@@ -22,18 +40,20 @@ async def read_adapter(
     *,
     expected: Sequence[TensorLayout] | None,
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+    check_header: Callable[[Any], None] = lambda header: None,
 ) -> tuple[Any, Adapter, int]:
     """Read `header_field` then the chunks of the adapter it announces from a oneof stream.
 
-    The header's `adapter` field is the manifest. Returns the header, the adapter and the
-    number of bytes read. Raises AdapterError when the stream is out of order or the adapter
-    is malformed.
+    The header's `adapter` field is the manifest; `check_header` may refuse the header before
+    any chunk is read. Returns the header, the adapter and the number of bytes read. Raises
+    AdapterError when the stream is out of order or the adapter is malformed.
     """
     stream = aiter(stream)
     first = await anext(stream, None)
     if first is None or first.WhichOneof("payload") != header_field:
         raise AdapterError(f"stream must start with a {header_field}")
     header = getattr(first, header_field)
+    check_header(header)
     assembler = AdapterAssembler(header.adapter, expected=expected, max_bytes=max_bytes)
     nbytes = first.ByteSize()
     async for message in stream:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,27 +16,7 @@ import torch
 from phalanx.model import ModelConfig, adapter_state, build_model, load_adapter_state, load_tokenizer
 from phalanx.partition import Partition
 from trainer.batches import TokenizedSplit
-
-
-class Stopped(Exception):
-    """The job was asked to stop before it finished."""
-
-
-@dataclass(frozen=True)
-class TrainOutcome:
-    adapter: dict[str, np.ndarray]
-    loss: float
-    steps: int
-    examples_seen: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class EvalOutcome:
-    loss: float
-    accuracy: float
-    num_examples: int
-    seconds: float
+from trainer.jobs import EvalOutcome, Stopped, TrainOutcome
 
 
 class Learner:
@@ -55,6 +34,14 @@ class Learner:
         # A fixed shuffle of the test split, so "evaluate on at most N" takes a fair sample.
         self._test_order = np.random.default_rng(model_config.seed).permutation(len(self.test_split))
         self.layout_adapter = adapter_state(self.model)
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.train_split)
+
+    @property
+    def num_test_examples(self) -> int:
+        return len(self.test_split)
 
     def train(
         self,

@@ -14,7 +14,7 @@ from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, layout_of, manifest_of
 from phalanx.rpc import Server, create_channel
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from trainer.learner import Learner
+from trainer.jobs import LocalWork
 from trainer.service import TrainerServicer
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def backoff_delays(first: float = BACKOFF_FIRST_SECONDS, cap: float = BACKOFF_MA
 
 
 class TrainerNode:
-    def __init__(self, config: NodeConfig, learner: Learner, telemetry: Telemetry, label_names: tuple[str, ...]) -> None:
+    def __init__(self, config: NodeConfig, learner: LocalWork, telemetry: Telemetry, label_names: tuple[str, ...]) -> None:
         self.config = config
         self._learner = learner
         self._telemetry = telemetry
@@ -116,8 +116,8 @@ class TrainerNode:
             name=self.config.site_name,
             address=self.address,
             partition=self.config.partition,
-            num_train_examples=len(self._learner.train_split),
-            num_test_examples=len(self._learner.test_split),
+            num_train_examples=self._learner.num_train_examples,
+            num_test_examples=self._learner.num_test_examples,
             label_names=self._label_names,
             adapter_layout=manifest_of(layout_of(self._learner.layout_adapter)),
         )

@@ -1,4 +1,4 @@
-"""The TrainerService servicer: decode, run the learner in a worker thread, encode."""
+"""The TrainerService servicer: decode, check the round, run the local work in a worker thread, encode."""
 
 from __future__ import annotations
 
@@ -6,24 +6,25 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
-from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, AdapterError, EncodedAdapter, check_finite, encode, layout_of
+from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterError, check_finite, encode, layout_of
 from phalanx.streams import read_adapter, status_for
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import adapter_pb2, trainer_pb2, trainer_pb2_grpc
-from trainer.learner import Learner, Stopped
+from trainer.jobs import EvalOutcome, LocalWork, Stopped, TrainOutcome
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Outcome = TypeVar("Outcome", TrainOutcome, EvalOutcome)
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(
         self,
-        learner: Learner,
+        learner: LocalWork,
         telemetry: Telemetry,
         *,
         partition: int,
@@ -38,6 +39,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         # Held by the worker thread, not the event loop: a job whose call was cancelled keeps it
         # until its thread notices the stop flag, so two jobs never share the model.
         self._model_lock = threading.Lock()
+        self._latest: tuple[str, int] = ("", 0)  # run id and highest round asked for
         self._tracer = telemetry.tracer()
         meter = telemetry.meter()
         self._examples = meter.create_counter("fl.client.examples", unit="{example}", description="examples processed")
@@ -46,74 +48,50 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def Train(
         self, request_iterator: AsyncIterator[trainer_pb2.TrainRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[trainer_pb2.TrainResponse]:
-        result, encoded = await self._train(request_iterator, context)
-        yield trainer_pb2.TrainResponse(result=result)
-        for chunk in encoded.chunks:
-            yield trainer_pb2.TrainResponse(chunk=chunk)
-
-    async def _train(
-        self, requests: AsyncIterator[trainer_pb2.TrainRequest], context: grpc.aio.ServicerContext
-    ) -> tuple[trainer_pb2.TrainResult, EncodedAdapter]:
-        with self._tracer.start_as_current_span("fl.client.train", attributes={"fl.partition": self._partition}) as span:
-            header, adapter = await self._receive(requests, context)
-            span.set_attribute("fl.round", header.round)
-            reply_dtype = header.reply_dtype or adapter_pb2.DATA_TYPE_FLOAT32
-            outcome = await self._in_worker(
-                context,
-                lambda stop: self._learner.train(
-                    adapter,
-                    steps=header.local_steps,
-                    batch_size=header.batch_size,
-                    learning_rate=header.learning_rate,
-                    seed=header.seed,
-                    stop=stop,
-                ),
+        def train(header: trainer_pb2.TrainHeader, adapter: Adapter, stop: threading.Event) -> TrainOutcome:
+            return self._learner.train(
+                adapter,
+                steps=header.local_steps,
+                batch_size=header.batch_size,
+                learning_rate=header.learning_rate,
+                seed=header.seed,
+                stop=stop,
             )
-            span.set_attributes({"fl.examples": outcome.examples_seen, "fl.loss": outcome.loss})
-            attrs = {"fl.partition": self._partition, "fl.phase": "train"}
-            self._examples.add(outcome.examples_seen, attrs)
-            self._loss.record(outcome.loss, attrs)
-            encoded = encode(outcome.adapter, wire_dtype=reply_dtype)
-            result = trainer_pb2.TrainResult(
+
+        header, outcome = await self._serve("train", request_iterator, context, train)
+        encoded = encode(outcome.adapter, wire_dtype=header.reply_dtype or adapter_pb2.DATA_TYPE_FLOAT32)
+        yield trainer_pb2.TrainResponse(
+            result=trainer_pb2.TrainResult(
                 run_id=header.run_id,
                 round=header.round,
-                num_examples=len(self._learner.train_split),
+                num_examples=self._learner.num_train_examples,
                 examples_seen=outcome.examples_seen,
                 steps=outcome.steps,
                 loss=outcome.loss,
                 seconds=outcome.seconds,
                 adapter=encoded.manifest,
             )
-            return result, encoded
+        )
+        for chunk in encoded.chunks:
+            yield trainer_pb2.TrainResponse(chunk=chunk)
 
     async def Evaluate(
         self, request_iterator: AsyncIterator[trainer_pb2.EvaluateRequest], context: grpc.aio.ServicerContext
     ) -> trainer_pb2.EvaluateResponse:
-        with self._tracer.start_as_current_span(
-            "fl.client.evaluate", attributes={"fl.partition": self._partition}
-        ) as span:
-            header, adapter = await self._receive(request_iterator, context)
-            span.set_attribute("fl.round", header.round)
-            outcome = await self._in_worker(
-                context,
-                lambda stop: self._learner.evaluate(
-                    adapter, batch_size=header.batch_size or 64, max_examples=header.max_examples, stop=stop
-                ),
+        def evaluate(header: trainer_pb2.EvaluateHeader, adapter: Adapter, stop: threading.Event) -> EvalOutcome:
+            return self._learner.evaluate(
+                adapter, batch_size=header.batch_size or 64, max_examples=header.max_examples, stop=stop
             )
-            span.set_attributes(
-                {"fl.examples": outcome.num_examples, "fl.loss": outcome.loss, "fl.accuracy": outcome.accuracy}
-            )
-            attrs = {"fl.partition": self._partition, "fl.phase": "evaluate"}
-            self._examples.add(outcome.num_examples, attrs)
-            self._loss.record(outcome.loss, attrs)
-            return trainer_pb2.EvaluateResponse(
-                run_id=header.run_id,
-                round=header.round,
-                num_examples=outcome.num_examples,
-                loss=outcome.loss,
-                accuracy=outcome.accuracy,
-                seconds=outcome.seconds,
-            )
+
+        header, outcome = await self._serve("evaluate", request_iterator, context, evaluate)
+        return trainer_pb2.EvaluateResponse(
+            run_id=header.run_id,
+            round=header.round,
+            num_examples=outcome.num_examples,
+            loss=outcome.loss,
+            accuracy=outcome.accuracy,
+            seconds=outcome.seconds,
+        )
 
     async def EndRun(
         self, request: trainer_pb2.EndRunRequest, context: grpc.aio.ServicerContext
@@ -122,7 +100,29 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._on_end_run(request.reason)
         return trainer_pb2.EndRunResponse()
 
-    async def _receive(self, requests: AsyncIterator, context: grpc.aio.ServicerContext):
+    async def _serve(
+        self,
+        phase: str,
+        requests: AsyncIterator,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[Any, Adapter, threading.Event], Outcome],
+    ) -> tuple[Any, Outcome]:
+        """Receive a header and adapter, check the round, run `work` in a worker thread; record it all."""
+        with self._tracer.start_as_current_span(f"fl.client.{phase}", attributes={"fl.partition": self._partition}) as span:
+            header, adapter = await self._receive(requests, context)
+            span.set_attribute("fl.round", header.round)
+            await self._check_round(header, context)
+            outcome = await self._in_worker(context, lambda stop: work(header, adapter, stop))
+            examples = outcome.examples_seen if isinstance(outcome, TrainOutcome) else outcome.num_examples
+            span.set_attributes({"fl.examples": examples, "fl.loss": outcome.loss})
+            if isinstance(outcome, EvalOutcome):
+                span.set_attribute("fl.accuracy", outcome.accuracy)
+            attrs = {"fl.partition": self._partition, "fl.phase": phase}
+            self._examples.add(examples, attrs)
+            self._loss.record(outcome.loss, attrs)
+            return header, outcome
+
+    async def _receive(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> tuple[Any, Adapter]:
         """The request stream's header and the validated adapter it carries; aborts the call if malformed."""
         try:
             header, adapter, _ = await read_adapter(
@@ -133,6 +133,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             log.warning("rejected adapter from coordinator: %s", exc)
             await context.abort(status_for(exc), f"rejected adapter: {exc}")
         return header, adapter
+
+    async def _check_round(self, header: Any, context: grpc.aio.ServicerContext) -> None:
+        """Refuse a request for an earlier round of the run this trainer is serving (a replay)."""
+        run_id, latest = self._latest
+        if header.run_id == run_id and header.round < latest:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {header.round} of run {run_id} is closed: this trainer has already served round {latest}",
+            )
+        self._latest = (header.run_id, header.round)
 
     async def _in_worker(self, context: grpc.aio.ServicerContext, job: Callable[[threading.Event], T]) -> T:
         """Run `job` in a worker thread, one at a time; a cancelled call sets its stop flag."""
