@@ -6,6 +6,8 @@ Options, each set once here:
 - reconnect backoff: channels retry a lost peer from 0.5 s up to 5 s (jittered), not gRPC's 120 s.
 - keepalive: both ends ping an idle connection so a dead peer or a silent network partition is
   noticed within KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS, and the server allows pings that often.
+  `grpc.http2.ping_timeout_ms` gets the same timeout: it bounds every ping, including those sent
+  while a stream is moving data, which would otherwise wait 60 s for an answer.
 - interceptors: OpenTelemetry's first (outermost), passed explicitly with our tracer provider.
 - health and reflection: every server answers grpc.health.v1 and server reflection, so
   orchestrators and grpcurl can probe it.
@@ -34,6 +36,7 @@ _COMMON_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     # Ping even when no call is in flight, so idle links to trainers are checked too.
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),

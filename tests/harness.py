@@ -1,0 +1,158 @@
+"""An in-process coordinator and echo trainers on loopback, for fault and load tests.
+
+Everything is the real server and client code; only the trainers' local work is the echo
+learner, so a round costs milliseconds and a test can put faults exactly where it wants them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from coordinator.app import CoordinatorApp
+from coordinator.config import CoordinatorConfig, RoundConfig
+from coordinator.outputs import RunOutputs
+from phalanx.telemetry import Telemetry
+from trainer.echo import EchoLearner, synthetic_adapter
+from trainer.node import NodeConfig, TrainerNode
+
+LABELS = ("negative", "neutral", "positive")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Coordinator:
+    app: CoordinatorApp
+    telemetry: Telemetry
+    spans: InMemorySpanExporter
+    metrics: InMemoryMetricReader
+    initial: dict[str, np.ndarray]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return self.app.address
+
+    def clients_counted(self) -> dict[tuple[str, str, str], int]:
+        """fl.round.clients totals by (phase, status, gRPC code)."""
+        totals: dict[tuple[str, str, str], int] = {}
+        for rm in self.metrics.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == "fl.round.clients":
+                        for point in metric.data.data_points:
+                            a = point.attributes
+                            key = (a["fl.phase"], a["fl.status"], a["rpc.grpc.status_code"])
+                            totals[key] = totals.get(key, 0) + point.value
+        return totals
+
+    def round_events(self, round_: int) -> list[dict[str, Any]]:
+        return [
+            {"name": e.name, **e.attributes}
+            for s in self.spans.get_finished_spans()
+            if s.name == "fl.round" and s.attributes["fl.round"] == round_
+            for e in s.events
+        ]
+
+    async def close(self) -> None:
+        await self.app.close("finished")
+        self.telemetry.shutdown()
+
+
+async def start_coordinator(
+    tmp_path: Path,
+    *,
+    params: int = 1_000,
+    start_with: int = 2,
+    liveness_timeout: float = 10.0,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    **round_settings: Any,
+) -> Coordinator:
+    round_settings.setdefault("rounds", 1)
+    round_settings.setdefault("min_trainers", 2)
+    round_settings.setdefault("round_timeout", 30.0)
+    spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
+    telemetry = Telemetry.create("phalanx-coordinator", span_exporter=spans, metric_readers=[metrics])
+    config = CoordinatorConfig(
+        rounds=RoundConfig(**round_settings),
+        label_names=LABELS,
+        listen="127.0.0.1:0",
+        out=tmp_path,
+        start_with=start_with,
+        register_timeout=60.0,
+        liveness_timeout=liveness_timeout,
+    )
+    initial = synthetic_adapter(params)
+    coordinator: Coordinator
+
+    def record(row: dict[str, Any]) -> None:
+        coordinator.rows.append(row)
+        if on_round is not None:
+            on_round(row)
+
+    app = CoordinatorApp(config, telemetry, RunOutputs(tmp_path), initial, run_id="run-1", on_round=record)
+    coordinator = Coordinator(app, telemetry, spans, metrics, initial)
+    await app.start()
+    return coordinator
+
+
+@dataclass
+class EchoSite:
+    node: TrainerNode
+    learner: EchoLearner
+    task: asyncio.Task
+
+
+async def start_echo_site(
+    coordinator: str, partition: int, *, params: int = 1_000, delay: float = 0.0, advertise: str = "", listen: str = "127.0.0.1:0"
+) -> EchoSite:
+    learner = EchoLearner(synthetic_adapter(params), delay=delay)
+    node = TrainerNode(
+        NodeConfig(partition=partition, coordinator=coordinator, listen=listen, advertise=advertise, name=f"echo-{partition}"),
+        learner,
+        Telemetry.create("phalanx-trainer"),
+        LABELS,
+    )
+    await node.start()
+    return EchoSite(node, learner, asyncio.create_task(node.run()))
+
+
+async def stop_sites(sites: list[EchoSite]) -> None:
+    for site in sites:
+        site.node.end_run("test over")
+    await asyncio.gather(*(s.task for s in sites), return_exceptions=True)
+    await asyncio.gather(*(s.node.close() for s in sites))
+
+
+def start_echo_process(coordinator: str, *, first_partition: int, params: int, count: int = 1, **flags: Any) -> subprocess.Popen:
+    """`python -m trainer.echo` as a child process; flags are passed as --key value."""
+    argv = [
+        sys.executable, "-m", "trainer.echo", "--coordinator", coordinator, "--count", str(count),
+        "--first-partition", str(first_partition), "--params", str(params),
+    ]  # fmt: skip
+    for key, value in flags.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, text=True)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)
+
+
+def kill(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
