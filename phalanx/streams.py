@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterable, Callable, Sequence
 from typing import Any
 
@@ -9,6 +11,8 @@ import grpc
 
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterAssembler, AdapterError, AdapterTooLarge, TensorLayout
 from phalanx.v1 import adapter_pb2
+
+DISCARD_SECONDS = 1.0
 
 
 class WrongRound(AdapterError):
@@ -32,6 +36,21 @@ def check_round(message: Any, run_id: str, round_: int) -> None:
     """Raise WrongRound unless `message` (a reply with run_id and round fields) is for this round."""
     if message.run_id != run_id or message.round != round_:
         raise WrongRound(f"reply is for round {message.round} of run {message.run_id!r}; open is round {round_} of run {run_id!r}")
+
+
+async def discard_rest(stream: AsyncIterable[Any], seconds: float = DISCARD_SECONDS) -> None:
+    """Read and drop what a peer is still sending, for at most `seconds`.
+
+    A server that rejects a request stream calls this before it aborts: a client whose write is
+    in flight when the call ends would otherwise report "Internal error from Core" instead of
+    the status that names the problem.
+    """
+    async def drop_all() -> None:
+        async for _ in stream:
+            pass
+
+    with contextlib.suppress(TimeoutError, grpc.RpcError):
+        await asyncio.wait_for(drop_all(), seconds)
 
 
 async def read_adapter(

@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from coordinator.app import CoordinatorApp
 from coordinator.config import CoordinatorConfig, RoundConfig
 from coordinator.outputs import RunOutputs
+from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
 from phalanx.telemetry import Telemetry
 from trainer.echo import EchoLearner, synthetic_adapter
 from trainer.node import NodeConfig, TrainerNode
@@ -76,6 +77,7 @@ async def start_coordinator(
     params: int = 1_000,
     start_with: int = 2,
     liveness_timeout: float = 10.0,
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     **round_settings: Any,
 ) -> Coordinator:
@@ -92,6 +94,7 @@ async def start_coordinator(
         start_with=start_with,
         register_timeout=60.0,
         liveness_timeout=liveness_timeout,
+        max_adapter_bytes=max_adapter_bytes,
     )
     initial = synthetic_adapter(params)
     coordinator: Coordinator

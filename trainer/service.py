@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import grpc
 
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterError, check_finite, encode, layout_of
-from phalanx.streams import read_adapter, status_for
+from phalanx.streams import discard_rest, read_adapter, status_for
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import adapter_pb2, trainer_pb2, trainer_pb2_grpc
 from trainer.jobs import EvalOutcome, LocalWork, Stopped, TrainOutcome
@@ -131,6 +131,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             check_finite(adapter)
         except AdapterError as exc:
             log.warning("rejected adapter from coordinator: %s", exc)
+            await discard_rest(requests)
             await context.abort(status_for(exc), f"rejected adapter: {exc}")
         return header, adapter
 
