@@ -232,12 +232,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_with_config(parser, argv)
     validate(parser, args)
     configure_logging(args.log_level, "coordinator")
+    from coordinator.outputs import CheckpointError
     from phalanx.data import DataError
     from phalanx.model import ModelError
 
     try:
         return asyncio.run(coordinate(args))
-    except (DataError, ModelError) as exc:
+    except (DataError, ModelError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

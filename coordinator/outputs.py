@@ -92,7 +92,9 @@ class RunOutputs:
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot read checkpoint named by {pointer_path}: {exc}") from exc
         if hashlib.sha256(data).hexdigest() != pointer["sha256"]:
-            raise CheckpointError(f"checkpoint {pointer['file']} does not match its SHA-256")
+            raise CheckpointError(
+                f"checkpoint {pointer['file']} does not match its SHA-256; start over with --fresh or restore it"
+            )
         return Checkpoint(int(pointer["round"]), dict(load_tensors(data)), _safetensors_metadata(data))
 
 
