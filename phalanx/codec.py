@@ -7,6 +7,12 @@ stay under a cap before any buffer is allocated, chunks must arrive numbered 0, 
 fill the payload exactly, and arrays are only then viewed with `np.frombuffer`. Nothing is
 ever unpickled.
 
+Copies: encoding writes each chunk's bytes once, straight from the arrays (after a cast when the
+wire dtype differs), and protobuf copies them into the message. Decoding reads each chunk's
+bytes out of its message once (protobuf copies them); when one chunk holds the whole payload
+the arrays are views of those bytes, otherwise the chunks are copied once into one buffer.
+bfloat16 is widened into new float32 arrays. Decoded arrays are read-only: copy one to write.
+
 Errors: `AdapterError` (malformed input; its message names the tensor or chunk at fault) and
 its subclass `AdapterTooLarge` (the declared size exceeds the receiver's cap).
 """
@@ -14,7 +20,7 @@ its subclass `AdapterTooLarge` (the declared size exceeds the receiver's cap).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,6 +132,10 @@ def parse_manifest(manifest: pb.AdapterManifest, max_bytes: int = DEFAULT_MAX_AD
         total += tensor.nbytes  # Python ints: no overflow however large the declared dimensions
         if total > max_bytes:
             raise AdapterTooLarge(f"adapter declares more than {max_bytes} bytes (at tensor {spec.name!r})")
+        # An empty tensor's other dimensions must fit too: numpy cannot shape an array by them.
+        if math.prod(d for d in tensor.shape if d) * _STORAGE[tensor.dtype].itemsize > max_bytes:
+            shape = list(tensor.shape)
+            raise AdapterError(f"tensor {spec.name!r} has shape {shape}, past the {max_bytes}-byte cap")
         layout.append(tensor)
     if manifest.total_bytes != total:
         raise AdapterError(f"manifest declares {manifest.total_bytes} bytes but its tensors need {total}")
@@ -166,20 +176,50 @@ def _some(names: Sequence[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _to_wire(array: np.ndarray, dtype: int) -> bytes:
+def _to_wire(array: np.ndarray, dtype: int) -> np.ndarray:
+    """The array's wire bytes as a flat uint8 array: a view when it is already in the wire dtype."""
     if dtype == pb.DATA_TYPE_BFLOAT16:
-        bits = np.ascontiguousarray(array, dtype="<f4").view("<u4")
-        rounded = bits + (0x7FFF + ((bits >> 16) & 1))  # round to nearest, ties to even
-        return (rounded >> 16).astype("<u2").tobytes()
-    return np.ascontiguousarray(array, dtype=_STORAGE[dtype]).tobytes()
+        values = np.ascontiguousarray(array, dtype="<f4")
+        bits = values.view("<u4")
+        # Round to nearest, ties to even: add 0x7FFF plus bit 16 (the lowest bit kept), drop 16 bits.
+        rounded = bits >> 16
+        rounded &= 1
+        rounded += 0x7FFF
+        rounded += bits
+        rounded >>= 16
+        wire = rounded.astype("<u2")
+        wire[np.isnan(values)] = 0x7FC0  # the carry can turn a NaN into Inf or zero
+    else:
+        wire = np.ascontiguousarray(array, dtype=_STORAGE[dtype])
+    return wire.reshape(-1).view(np.uint8)
 
 
-def _from_wire(buffer: bytes | bytearray | memoryview, offset: int, tensor: TensorLayout) -> np.ndarray:
+def _cut(parts: Iterable[np.ndarray], size: int) -> Iterator[bytes]:
+    """The concatenation of flat uint8 arrays in pieces of `size` bytes, each byte copied once."""
+    pending: list[np.ndarray] = []
+    room = size
+    for part in parts:
+        while part.size:
+            pending.append(part[:room])
+            part = part[room:]
+            room -= pending[-1].size
+            if room == 0:
+                yield b"".join(pending)
+                pending, room = [], size
+    if pending:
+        yield b"".join(pending)
+
+
+def _from_wire(buffer: bytes | np.ndarray, offset: int, tensor: TensorLayout) -> np.ndarray:
+    """A read-only view of one tensor in the payload; bfloat16 is widened into a new float32 array."""
     storage = _STORAGE[tensor.dtype]
     count = math.prod(tensor.shape)
     flat = np.frombuffer(buffer, dtype=storage, count=count, offset=offset)
     if tensor.dtype == pb.DATA_TYPE_BFLOAT16:
-        flat = (flat.astype("<u4") << 16).view("<f4")
+        wide = flat.astype("<u4")
+        wide <<= 16
+        flat = wide.view("<f4")
+        flat.flags.writeable = False
     return flat.reshape(tensor.shape)
 
 
@@ -199,13 +239,11 @@ def encode(
     """Serialise an adapter into a manifest and chunks of at most `chunk_bytes` payload bytes."""
     if wire_dtype not in _STORAGE:
         raise AdapterError(f"cannot send {dtype_name(wire_dtype)}")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     layout = layout_of(adapter, wire_dtype)
-    payload = b"".join(_to_wire(a, wire_dtype) for a in adapter.values())
-    view = memoryview(payload)
-    chunks = tuple(
-        pb.AdapterChunk(index=i, data=bytes(view[start : start + chunk_bytes]))
-        for i, start in enumerate(range(0, len(payload), chunk_bytes))
-    )
+    parts = (_to_wire(a, wire_dtype) for a in adapter.values())
+    chunks = tuple(pb.AdapterChunk(index=i, data=data) for i, data in enumerate(_cut(parts, chunk_bytes)))
     return EncodedAdapter(manifest_of(layout), chunks)
 
 
@@ -213,6 +251,8 @@ class AdapterAssembler:
     """Rebuilds one adapter from a manifest and its chunks, checking each step.
 
     Pass `expected` to also require the same keys, shapes and dtypes as a reference layout.
+    A payload that arrives in one chunk is viewed in place; one in several chunks is copied into
+    a buffer allocated when the first of them arrives.
     """
 
     def __init__(
@@ -228,7 +268,7 @@ class AdapterAssembler:
             check_layout(self.layout, expected)
         self.total_bytes = manifest.total_bytes
         self._max_chunk = max_chunk_bytes
-        self._buffer = bytearray(self.total_bytes)
+        self._payload: bytes | np.ndarray = b""
         self._received = 0
         self._next_index = 0
 
@@ -237,22 +277,30 @@ class AdapterAssembler:
             if chunk.index < self._next_index:
                 raise AdapterError(f"chunk {chunk.index} arrived twice")
             raise AdapterError(f"chunk {self._next_index} is missing (got chunk {chunk.index})")
-        size = len(chunk.data)
+        data = chunk.data  # each read of a protobuf bytes field makes a new copy: read it once
+        size = len(data)
         if size == 0 or size > self._max_chunk:
             raise AdapterError(f"chunk {chunk.index} has {size} bytes; allowed 1 to {self._max_chunk}")
         if self._received + size > self.total_bytes:
             raise AdapterError(f"chunk {chunk.index} runs past the {self.total_bytes} bytes the manifest declares")
-        self._buffer[self._received : self._received + size] = chunk.data
+        if size == self.total_bytes:
+            self._payload = data
+        else:
+            if not isinstance(self._payload, np.ndarray):
+                self._payload = np.empty(self.total_bytes, dtype=np.uint8)
+            self._payload[self._received : self._received + size] = np.frombuffer(data, dtype=np.uint8)
         self._received += size
         self._next_index += 1
 
     def finish(self) -> Adapter:
         if self._received != self.total_bytes:
             raise AdapterError(f"stream ended after {self._received} of {self.total_bytes} bytes")
+        if isinstance(self._payload, np.ndarray):
+            self._payload.flags.writeable = False
         adapter: Adapter = {}
         offset = 0
         for tensor in self.layout:
-            adapter[tensor.name] = _from_wire(self._buffer, offset, tensor)
+            adapter[tensor.name] = _from_wire(self._payload, offset, tensor)
             offset += tensor.nbytes
         return adapter
 

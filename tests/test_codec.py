@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import pickle
+
 import numpy as np
 import pytest
 
@@ -71,6 +74,45 @@ def test_bfloat16_rounds_to_nearest_even() -> None:
     np.testing.assert_array_equal(decoded, np.array([1.0, 1.0 + 2**-6, -2.0], dtype=np.float32))
 
 
+def test_bfloat16_keeps_nan_whatever_its_payload() -> None:
+    # Rounding adds a carry below bit 16: on these NaNs it would spill into the sign or exponent.
+    nans = np.array([0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x7FC00000], dtype=np.uint32).view(np.float32)
+    encoded = encode({"x": nans}, wire_dtype=pb.DATA_TYPE_BFLOAT16)
+    assert np.isnan(decode(encoded.manifest, encoded.chunks)["x"]).all()
+
+
+def base_object(array: np.ndarray) -> object:
+    """The object that finally owns an array's memory."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array.base
+
+
+def test_payload_in_one_chunk_is_viewed_in_place_and_read_only() -> None:
+    encoded = encode(sample_adapter(np.random.default_rng(3)))
+    assert len(encoded.chunks) == 1
+    decoded = decode(encoded.manifest, encoded.chunks)
+    owners = {id(base_object(a)) for a in decoded.values()}
+    assert len(owners) == 1 and isinstance(base_object(decoded["odd"]), bytes)
+    assert not any(a.flags.writeable for a in decoded.values())
+
+
+@pytest.mark.parametrize("dtype", sorted(WIRE_DTYPES))
+def test_payload_in_many_chunks_is_copied_into_one_read_only_buffer(dtype: str) -> None:
+    encoded = encode(sample_adapter(np.random.default_rng(4)), wire_dtype=WIRE_DTYPES[dtype], chunk_bytes=100)
+    decoded = decode(encoded.manifest, encoded.chunks)
+    assert not any(a.flags.writeable for a in decoded.values())
+    if dtype != "bfloat16":  # bfloat16 is widened into new arrays
+        assert len({id(base_object(a)) for a in decoded.values()}) == 1
+    with pytest.raises(ValueError, match="read-only"):
+        decoded["bias"][0] = 1.0
+
+
+def test_chunk_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="chunk_bytes must be positive"):
+        encode({"w": np.ones(2, dtype=np.float32)}, chunk_bytes=0)
+
+
 def test_empty_adapter_round_trips() -> None:
     encoded = encode({})
     assert encoded.chunks == ()
@@ -106,6 +148,13 @@ def test_oversized_adapter_is_refused_before_allocation() -> None:
     huge = manifest(("w", pb.DATA_TYPE_FLOAT64, (2**40, 2**20)))
     with pytest.raises(AdapterTooLarge, match="more than 1048576 bytes"):
         AdapterAssembler(huge, max_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("shape", [(0, 2**63), (0, 2**40, 2**40), (2**64 - 1, 0)])
+def test_empty_tensor_with_huge_dimensions_is_refused(shape: tuple[int, ...]) -> None:
+    # No bytes, but numpy cannot build an array of this shape.
+    with pytest.raises(AdapterError, match=r"tensor 'w' has shape \[.*\], past the 1048576-byte cap"):
+        AdapterAssembler(manifest(("w", pb.DATA_TYPE_FLOAT32, shape), total=0), max_bytes=1 << 20)
 
 
 def stream(chunk_bytes: int = 16) -> tuple[pb.AdapterManifest, list[pb.AdapterChunk]]:
@@ -145,15 +194,43 @@ def test_oversized_chunk_is_refused() -> None:
         assembler.add(pb.AdapterChunk(index=0, data=b"\0" * 80))
 
 
-def test_pickle_bytes_are_plain_bytes() -> None:
-    import pickle
+UNPICKLED: list[str] = []
 
-    payload = pickle.dumps({"w": np.ones(3)})  # never unpickled: read as raw float32 bytes or refused
-    m = manifest(("w", pb.DATA_TYPE_FLOAT32, (len(payload) // 4,)))
-    decoded = decode(m, [pb.AdapterChunk(index=0, data=payload[: m.total_bytes])])
-    assert decoded["w"].dtype == np.float32 and decoded["w"].shape == (len(payload) // 4,)
+
+def _record_unpickling(marker: str) -> None:
+    UNPICKLED.append(marker)
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return _record_unpickling, ("code ran",)
+
+
+def as_chunks(payload: bytes) -> list[pb.AdapterChunk]:
+    starts = range(0, len(payload), CHUNK_BYTES)
+    return [pb.AdapterChunk(index=i, data=payload[s : s + CHUNK_BYTES]) for i, s in enumerate(starts)]
+
+
+def test_pickle_bytes_are_plain_bytes() -> None:
+    payload = pickle.dumps({"w": _RunsCodeWhenUnpickled()})
+    pickle.loads(payload)
+    assert UNPICKLED == ["code ran"]  # the payload is live ...
+    UNPICKLED.clear()
+    count = len(payload) // 4
+    decoded = decode(manifest(("w", pb.DATA_TYPE_FLOAT32, (count,))), as_chunks(payload[: 4 * count]))
+    assert decoded["w"].tobytes() == payload[: 4 * count]  # ... but decoding reads it as numbers
     with pytest.raises(AdapterError):
-        decode(manifest(("w", pb.DATA_TYPE_FLOAT32, (4,))), [pb.AdapterChunk(index=0, data=payload)])
+        decode(manifest(("w", pb.DATA_TYPE_FLOAT32, (4,))), as_chunks(payload))
+    assert UNPICKLED == []
+
+
+def test_gzip_bomb_is_plain_bytes() -> None:
+    bomb = gzip.compress(bytes(100 << 20))  # about 100 kB that inflate to 100 MB
+    count = len(bomb) // 4
+    decoded = decode(manifest(("w", pb.DATA_TYPE_FLOAT32, (count,))), as_chunks(bomb[: 4 * count]))
+    assert decoded["w"].tobytes() == bomb[: 4 * count]
+    with pytest.raises(AdapterError, match=f"stream ended after {len(bomb)} of {100 << 20} bytes"):
+        decode(manifest(("w", pb.DATA_TYPE_FLOAT32, (25 << 20,))), as_chunks(bomb))
 
 
 def test_layout_check_names_missing_extra_shape_and_dtype() -> None:
