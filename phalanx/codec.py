@@ -142,8 +142,8 @@ def parse_manifest(manifest: pb.AdapterManifest, max_bytes: int = DEFAULT_MAX_AD
     return tuple(layout)
 
 
-def check_layout(actual: Sequence[TensorLayout], expected: Sequence[TensorLayout]) -> None:
-    """Raise AdapterError unless both layouts have the same keys, each with the same shape and dtype."""
+def check_layout(actual: Sequence[TensorLayout], expected: Sequence[TensorLayout], *, match_dtype: bool = True) -> None:
+    """Raise AdapterError unless both layouts have the same keys, each with the same shape (and dtype)."""
     have = {t.name: t for t in actual}
     want = {t.name: t for t in expected}
     missing = sorted(want.keys() - have.keys())
@@ -159,7 +159,7 @@ def check_layout(actual: Sequence[TensorLayout], expected: Sequence[TensorLayout
         h = have[name]
         if h.shape != w.shape:
             raise AdapterError(f"tensor {name!r} has shape {list(h.shape)}, expected {list(w.shape)}")
-        if h.dtype != w.dtype:
+        if match_dtype and h.dtype != w.dtype:
             raise AdapterError(f"tensor {name!r} has {dtype_name(h.dtype)}, expected {dtype_name(w.dtype)}")
 
 
@@ -250,7 +250,8 @@ def encode(
 class AdapterAssembler:
     """Rebuilds one adapter from a manifest and its chunks, checking each step.
 
-    Pass `expected` to also require the same keys, shapes and dtypes as a reference layout.
+    Pass `expected` to also require the same keys, shapes and dtypes as a reference layout;
+    `match_dtype=False` accepts any allowed wire dtype.
     A payload that arrives in one chunk is viewed in place; one in several chunks is copied into
     a buffer allocated when the first of them arrives.
     """
@@ -260,12 +261,13 @@ class AdapterAssembler:
         manifest: pb.AdapterManifest,
         *,
         expected: Sequence[TensorLayout] | None = None,
+        match_dtype: bool = True,
         max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         max_chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.layout = parse_manifest(manifest, max_bytes)
         if expected is not None:
-            check_layout(self.layout, expected)
+            check_layout(self.layout, expected, match_dtype=match_dtype)
         self.total_bytes = manifest.total_bytes
         self._max_chunk = max_chunk_bytes
         self._payload: bytes | np.ndarray = b""

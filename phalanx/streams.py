@@ -58,6 +58,7 @@ async def read_adapter(
     header_field: str,
     *,
     expected: Sequence[TensorLayout] | None,
+    match_dtype: bool = True,
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     check_header: Callable[[Any], None] = lambda header: None,
 ) -> tuple[Any, Adapter, int]:
@@ -73,7 +74,7 @@ async def read_adapter(
         raise AdapterError(f"stream must start with a {header_field}")
     header = getattr(first, header_field)
     check_header(header)
-    assembler = AdapterAssembler(header.adapter, expected=expected, max_bytes=max_bytes)
+    assembler = AdapterAssembler(header.adapter, expected=expected, match_dtype=match_dtype, max_bytes=max_bytes)
     nbytes = first.ByteSize()
     async for message in stream:
         if message.WhichOneof("payload") != "chunk":

@@ -49,14 +49,17 @@ def model_config(tiny_model_dir: Path) -> ModelConfig:
     return ModelConfig(model=str(tiny_model_dir), num_labels=3, max_length=16)
 
 
-async def test_round_span_is_ancestor_of_every_trainer_span(model_config: ModelConfig, tmp_path: Path) -> None:
+@pytest.mark.parametrize("wire_dtype", ["float32", "bfloat16"])
+async def test_round_span_is_ancestor_of_every_trainer_span(model_config: ModelConfig, tmp_path: Path, wire_dtype: str) -> None:
     dataset = toy_dataset()
     coordinator_spans, coordinator_metrics = InMemorySpanExporter(), InMemoryMetricReader()
     coordinator_telemetry = Telemetry.create(
         "phalanx-coordinator", span_exporter=coordinator_spans, metric_readers=[coordinator_metrics]
     )
     config = CoordinatorConfig(
-        rounds=RoundConfig(rounds=ROUNDS, min_trainers=2, local_steps=3, batch_size=8, round_timeout=60),
+        rounds=RoundConfig(
+            rounds=ROUNDS, min_trainers=2, local_steps=3, batch_size=8, round_timeout=60, wire_dtype=wire_dtype
+        ),
         model=model_config,
         label_names=dataset.label_names,
         listen="127.0.0.1:0",
@@ -90,6 +93,12 @@ async def test_round_span_is_ancestor_of_every_trainer_span(model_config: ModelC
     assert reasons == ["finished", "finished"]
     assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
     assert all(r["trainers_accepted"] == 2 for r in rows[1:])
+    # Two trainers each receive the adapter twice a round (train, evaluate) and send it once, at 4
+    # or 2 bytes a value; headers add a few hundred bytes to this tiny model's 5 KB adapter.
+    wire_share = {"float32": 1.0, "bfloat16": 0.5}[wire_dtype]
+    for r in rows[1:]:
+        assert 1.0 <= r["bytes_received"] / (2 * wire_share * r["adapter_bytes"]) < 1.2
+        assert 1.0 <= r["bytes_sent"] / (4 * wire_share * r["adapter_bytes"]) < 1.2
 
     spans = list(coordinator_spans.get_finished_spans())
     for exporter in trainer_spans:

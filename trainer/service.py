@@ -125,8 +125,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def _receive(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> tuple[Any, Adapter]:
         """The request stream's header and the validated adapter it carries; aborts the call if malformed."""
         try:
+            # The coordinator picks the wire dtype (float32, or float16/bfloat16 for half the bytes).
             header, adapter, _ = await read_adapter(
-                requests, "header", expected=self._expected, max_bytes=self._max_bytes
+                requests, "header", expected=self._expected, match_dtype=False, max_bytes=self._max_bytes
             )
             check_finite(adapter)
         except AdapterError as exc:
