@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--shutdown-grace", type=float, default=30.0, help="on SIGTERM/SIGINT, seconds the round in flight may finish in"
     )
+    run.add_argument("--max-transfers", type=int, default=16, help="adapters streamed at once (bounds memory)")
     run.add_argument("--max-adapter-bytes", type=int, default=DEFAULT_MAX_ADAPTER_BYTES, help="largest reply accepted")
     rounds = parser.add_argument_group("rounds")
     rounds.add_argument("--rounds", type=int, default=8, help="federated rounds")
@@ -80,6 +81,7 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         (0 < args.fraction_evaluate <= 1, "--fraction-evaluate must be in (0, 1]"),
         (args.local_steps >= 1, "--local-steps must be at least 1"),
         (args.round_timeout > 0, "--round-timeout must be positive"),
+        (args.max_transfers >= 1, "--max-transfers must be at least 1"),
         (args.round_retries >= 0, "--round-retries cannot be negative"),
         (0 <= args.trim < 0.5, "--trim must be in [0, 0.5)"),
         (args.clip_norm >= 0, "--clip-norm cannot be negative"),
@@ -147,6 +149,7 @@ async def coordinate(args: argparse.Namespace) -> int:
         start_with=args.spawn_trainers,
         register_timeout=args.register_timeout,
         max_adapter_bytes=args.max_adapter_bytes,
+        max_transfers=args.max_transfers,
     )
     if args.fresh:
         clear_outputs(args.out)

@@ -56,3 +56,5 @@ class CoordinatorConfig:
     liveness_timeout: float = 10.0
     """A trainer silent for this long is left out of sampling until it is heard from again."""
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
+    max_transfers: int = 16
+    """Adapters streamed at once (to and from trainers): bounds memory however many trainers there are."""

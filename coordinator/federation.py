@@ -19,8 +19,8 @@ from coordinator.aggregation import clip_update, create_aggregator
 from coordinator.config import CoordinatorConfig
 from coordinator.outputs import RunOutputs
 from coordinator.registry import Registry, TrainerEntry
-from coordinator.trainer_client import EvaluateReply, TrainReply
-from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, EncodedAdapter, encode, layout_of
+from coordinator.trainer_client import Broadcast, EvaluateReply, TrainReply
+from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, encode, layout_of
 from phalanx.streams import status_for
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import coordinator_pb2, trainer_pb2
@@ -131,6 +131,8 @@ class Federation:
         self.completed_rounds = start_round - 1
         self.state = coordinator_pb2.RUN_STATE_WAITING
         self._stop_requested = False
+        # Adapters streamed at once, each direction counted: bounds memory however many trainers answer.
+        self._slots = asyncio.Semaphore(config.max_transfers)
         self._on_round = on_round
         self._wire_dtype = WIRE_DTYPES[config.rounds.wire_dtype]
         self._expected = layout_of(initial, self._wire_dtype)
@@ -170,7 +172,7 @@ class Federation:
                     if attempt == rounds.round_retries or self._stop_requested:
                         raise
                     log.warning("%s; trying the round again (%d of %d)", exc, attempt + 1, rounds.round_retries)
-            self.outputs.save_checkpoint(round_, self.adapter, {"run_id": self.run_id})
+            await asyncio.to_thread(self.outputs.save_checkpoint, round_, self.adapter, {"run_id": self.run_id})
             self.completed_rounds = round_
         self.state = coordinator_pb2.RUN_STATE_FINISHED
         return rows
@@ -238,6 +240,7 @@ class Federation:
         if len(sampled) < rounds.min_trainers:
             raise RoundFailed(f"round {round_}: only {len(sampled)} live trainers, need {rounds.min_trainers}")
         encoded = encode(self.adapter, self._wire_dtype)
+        broadcast = Broadcast.of(trainer_pb2.TrainRequest, encoded)
         aggregator = create_aggregator(rounds.aggregator, self.adapter, trim=rounds.trim)
         held: dict[str, tuple[Adapter, float]] = {}  # accepted replies, when folded in a fixed order
 
@@ -269,7 +272,7 @@ class Federation:
                 entry,
                 "train",
                 lambda: entry.client.train(
-                    header, encoded, expected=self._expected, timeout=rounds.round_timeout,
+                    header, broadcast, expected=self._expected, timeout=rounds.round_timeout, slots=self._slots,
                     max_bytes=self.config.max_adapter_bytes,
                 ),  # fmt: skip
                 lambda reply, p: accept(entry, reply, p),
@@ -287,7 +290,8 @@ class Federation:
     async def _evaluate(self, round_: int, stats: RoundStats) -> None:
         rounds = self.config.rounds
         chosen = sample(self.registry.live(), rounds.fraction_evaluate, 1, rounds.seed + 1, round_)
-        encoded: EncodedAdapter = encode(self.adapter, self._wire_dtype)
+        encoded = encode(self.adapter, self._wire_dtype)
+        broadcast = Broadcast.of(trainer_pb2.EvaluateRequest, encoded)
         header = trainer_pb2.EvaluateHeader(
             run_id=self.run_id,
             round=round_,
@@ -307,7 +311,12 @@ class Federation:
         stats.evaluate = list(
             await asyncio.gather(
                 *(
-                    self._ask(e, "evaluate", lambda e=e: e.client.evaluate(header, encoded, timeout=rounds.round_timeout), accept)
+                    self._ask(
+                        e,
+                        "evaluate",
+                        lambda e=e: e.client.evaluate(header, broadcast, timeout=rounds.round_timeout, slots=self._slots),
+                        accept,
+                    )
                     for e in chosen
                 )
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -27,22 +28,38 @@ class EvaluateReply:
     bytes_received: int
 
 
-class _Upload:
-    """The request stream of one call: a header, then the adapter's chunks; counts bytes sent."""
+@dataclass(frozen=True)
+class Broadcast:
+    """The chunk messages of one adapter for one request type, built and sized once per phase."""
 
-    def __init__(self, request_type: type, header: object, adapter: EncodedAdapter) -> None:
-        self._request_type = request_type
+    messages: tuple
+    sizes: tuple[int, ...]
+
+    @classmethod
+    def of(cls, request_type: type, adapter: EncodedAdapter) -> Broadcast:
+        messages = tuple(request_type(chunk=c) for c in adapter.chunks)
+        return cls(messages, tuple(m.ByteSize() for m in messages))
+
+
+class _Upload:
+    """The request stream of one call: a header, then the shared chunk messages; counts bytes sent.
+
+    The chunks are sent while holding one of `slots`, so only so many adapters are in flight at once.
+    """
+
+    def __init__(self, header: object, broadcast: Broadcast, slots: asyncio.Semaphore) -> None:
         self._header = header
-        self._adapter = adapter
+        self._broadcast = broadcast
+        self._slots = slots
         self.bytes_sent = 0
 
     async def __aiter__(self) -> AsyncIterator:
-        for message in (
-            self._request_type(header=self._header),
-            *(self._request_type(chunk=c) for c in self._adapter.chunks),
-        ):
-            self.bytes_sent += message.ByteSize()
-            yield message
+        self.bytes_sent += self._header.ByteSize()
+        yield self._header
+        async with self._slots:
+            for message, size in zip(self._broadcast.messages, self._broadcast.sizes):
+                self.bytes_sent += size
+                yield message
 
 
 class TrainerClient:
@@ -54,17 +71,18 @@ class TrainerClient:
     async def train(
         self,
         header: trainer_pb2.TrainHeader,
-        adapter: EncodedAdapter,
+        adapter: Broadcast,
         *,
         expected: Sequence[TensorLayout],
         timeout: float,
+        slots: asyncio.Semaphore,
         max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     ) -> TrainReply:
         """Send the global adapter, receive the trained one.
 
         Raises AdapterError if the reply is malformed or WrongRound if it is for another round.
         """
-        upload = _Upload(trainer_pb2.TrainRequest, header, adapter)
+        upload = _Upload(trainer_pb2.TrainRequest(header=header), adapter, slots)
         call = self._stub.Train(aiter(upload), timeout=timeout)
         try:
             result, trained, received = await read_adapter(
@@ -73,6 +91,7 @@ class TrainerClient:
                 expected=expected,
                 max_bytes=max_bytes,
                 check_header=lambda result: check_round(result, header.run_id, header.round),
+                slots=slots,
             )
         finally:
             call.cancel()  # no-op after a clean end; stops the trainer's stream after a rejection
@@ -80,9 +99,9 @@ class TrainerClient:
         return TrainReply(result, trained, upload.bytes_sent, received)
 
     async def evaluate(
-        self, header: trainer_pb2.EvaluateHeader, adapter: EncodedAdapter, *, timeout: float
+        self, header: trainer_pb2.EvaluateHeader, adapter: Broadcast, *, timeout: float, slots: asyncio.Semaphore
     ) -> EvaluateReply:
-        upload = _Upload(trainer_pb2.EvaluateRequest, header, adapter)
+        upload = _Upload(trainer_pb2.EvaluateRequest(header=header), adapter, slots)
         result = await self._stub.Evaluate(aiter(upload), timeout=timeout)
         check_round(result, header.run_id, header.round)
         return EvaluateReply(result, upload.bytes_sent, result.ByteSize())

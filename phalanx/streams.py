@@ -61,11 +61,13 @@ async def read_adapter(
     match_dtype: bool = True,
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     check_header: Callable[[Any], None] = lambda header: None,
+    slots: asyncio.Semaphore | None = None,
 ) -> tuple[Any, Adapter, int]:
     """Read `header_field` then the chunks of the adapter it announces from a oneof stream.
 
     The header's `adapter` field is the manifest; `check_header` may refuse the header before
-    any chunk is read. Returns the header, the adapter and the number of bytes read. Raises
+    any chunk is read, and the chunks are read holding one of `slots` (when given), which bounds
+    how many adapters are being assembled at once. Returns the header, the adapter and the number of bytes read. Raises
     AdapterError when the stream is out of order or the adapter is malformed.
     """
     stream = aiter(stream)
@@ -76,10 +78,11 @@ async def read_adapter(
     check_header(header)
     assembler = AdapterAssembler(header.adapter, expected=expected, match_dtype=match_dtype, max_bytes=max_bytes)
     nbytes = first.ByteSize()
-    async for message in stream:
-        if message.WhichOneof("payload") != "chunk":
-            raise AdapterError(f"expected an adapter chunk, got {message.WhichOneof('payload') or 'an empty message'}")
-        nbytes += message.ByteSize()
-        chunk: adapter_pb2.AdapterChunk = message.chunk
-        assembler.add(chunk)
-    return header, assembler.finish(), nbytes
+    async with slots or contextlib.nullcontext():
+        async for message in stream:
+            if message.WhichOneof("payload") != "chunk":
+                raise AdapterError(f"expected an adapter chunk, got {message.WhichOneof('payload') or 'an empty message'}")
+            nbytes += message.ByteSize()
+            chunk: adapter_pb2.AdapterChunk = message.chunk
+            assembler.add(chunk)
+        return header, assembler.finish(), nbytes

@@ -78,6 +78,7 @@ async def start_coordinator(
     start_with: int = 2,
     liveness_timeout: float = 10.0,
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+    keep_spans: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     **round_settings: Any,
 ) -> Coordinator:
@@ -85,7 +86,8 @@ async def start_coordinator(
     round_settings.setdefault("min_trainers", 2)
     round_settings.setdefault("round_timeout", 30.0)
     spans, metrics = InMemorySpanExporter(), InMemoryMetricReader()
-    telemetry = Telemetry.create("phalanx-coordinator", span_exporter=spans, metric_readers=[metrics])
+    # keep_spans=False records spans without keeping them, as a coordinator with no exporter does.
+    telemetry = Telemetry.create("phalanx-coordinator", span_exporter=spans if keep_spans else None, metric_readers=[metrics])
     config = CoordinatorConfig(
         rounds=RoundConfig(**round_settings),
         label_names=LABELS,

@@ -29,7 +29,7 @@ async def test_hundred_trainers_register_once_and_health_stays_responsive(
     caplog.set_level(logging.INFO, logger="coordinator.registry")
     memory: dict[int, float] = {}
     coordinator = await start_coordinator(
-        tmp_path, params=PARAMS, start_with=TRAINERS, rounds=6, min_trainers=TRAINERS, round_timeout=60,
+        tmp_path, params=PARAMS, start_with=TRAINERS, rounds=6, min_trainers=TRAINERS, round_timeout=60, keep_spans=False,
         on_round=lambda row: memory.__setitem__(row["round"], rss_mb()),
     )  # fmt: skip
     trainers = start_echo_process(coordinator.address, first_partition=0, params=PARAMS, count=TRAINERS)
