@@ -47,6 +47,8 @@ class Participation:
     num_examples: int = 0
     loss: float = math.nan
     accuracy: float = math.nan
+    compute_seconds: float = 0.0
+    """The trainer's own account of its local work (training or evaluation)."""
 
 
 @dataclass
@@ -88,6 +90,9 @@ class RoundStats:
             "seconds": round(self.seconds, 4),
             "train_seconds": round(self.train_seconds, 4),
             "evaluate_seconds": round(self.evaluate_seconds, 4),
+            # The slowest trainer's local work per phase: the rest of a phase is coordination and wire.
+            "train_compute_seconds": _slowest(trained),
+            "evaluate_compute_seconds": _slowest([p for p in self.evaluate if p.status == "accepted"]),
             "bytes_sent": sum(p.bytes_sent for p in everyone),
             "bytes_received": sum(p.bytes_received for p in everyone),
             "adapter_bytes": adapter_bytes,
@@ -96,6 +101,10 @@ class RoundStats:
 
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def _slowest(participations: list[Participation]) -> float | None:
+    return _finite_or_none(round(max((p.compute_seconds for p in participations), default=0.0), 4))
 
 
 def trainer_seed(seed: int, round_: int, partition: int) -> int:
@@ -255,7 +264,7 @@ class Federation:
                 held[entry.name] = (adapter, weight)
             else:
                 aggregator.add(adapter, weight)
-            p.num_examples, p.loss = reply.result.num_examples, reply.result.loss
+            p.num_examples, p.loss, p.compute_seconds = reply.result.num_examples, reply.result.loss, reply.result.seconds
 
         def train_one(entry: TrainerEntry) -> Awaitable[Participation]:
             header = trainer_pb2.TrainHeader(
@@ -306,7 +315,7 @@ class Federation:
                 raise AdapterError(
                     f"implausible evaluation: {r.num_examples} examples, loss {r.loss}, accuracy {r.accuracy}"
                 )
-            p.num_examples, p.loss, p.accuracy = r.num_examples, r.loss, r.accuracy
+            p.num_examples, p.loss, p.accuracy, p.compute_seconds = r.num_examples, r.loss, r.accuracy, r.seconds
 
         stats.evaluate = list(
             await asyncio.gather(

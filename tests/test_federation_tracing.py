@@ -97,6 +97,8 @@ async def test_round_span_is_ancestor_of_every_trainer_span(model_config: ModelC
     # or 2 bytes a value; headers add a few hundred bytes to this tiny model's 5 KB adapter.
     wire_share = {"float32": 1.0, "bfloat16": 0.5}[wire_dtype]
     for r in rows[1:]:
+        assert 0 < r["train_compute_seconds"] <= r["train_seconds"]
+        assert 0 < r["evaluate_compute_seconds"] <= r["evaluate_seconds"]
         assert 1.0 <= r["bytes_received"] / (2 * wire_share * r["adapter_bytes"]) < 1.2
         assert 1.0 <= r["bytes_sent"] / (4 * wire_share * r["adapter_bytes"]) < 1.2
 
