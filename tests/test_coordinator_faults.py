@@ -105,7 +105,6 @@ def federation(tmp_path: Path, name: str, flags: list[str], crash_after: int | N
     return out
 
 
-@pytest.mark.slow
 def test_killed_coordinator_resumes_at_the_same_round_with_bit_identical_result(tmp_path: Path, common_flags) -> None:
     reference = federation(tmp_path, "uninterrupted", common_flags, crash_after=None)
     resumed = federation(tmp_path, "killed", common_flags, crash_after=2)
@@ -165,7 +164,6 @@ def test_killed_while_writing_a_checkpoint_the_previous_one_stays_valid(tmp_path
         RunOutputs(tmp_path).load_latest_checkpoint()
 
 
-@pytest.mark.slow
 def test_sigterm_drains_finishes_the_round_checkpoints_flushes_and_exits_zero(tmp_path: Path, common_flags) -> None:
     out, port = tmp_path / "out", free_port()
     with OtlpCollector() as collector:
