@@ -29,15 +29,11 @@ from bench.round_overhead import (
     REGISTER_TIMEOUT_SECONDS,
     REPO,
     Case,
-    coordinator_config,
+    create_coordinator,
     start_trainers,
     stop_process,
     versions,
 )
-from coordinator.app import CoordinatorApp
-from coordinator.outputs import RunOutputs
-from phalanx.telemetry import Telemetry
-from trainer.echo import synthetic_adapter
 
 TRAINERS = (8, 128)
 PARAMS = 1_200_000
@@ -54,15 +50,7 @@ async def coordinate(case: Case, rounds: int) -> dict[str, int]:
     """Run one coordinator, printing its address first; return its RSS figures in bytes."""
     peaks: list[int] = []
     with tempfile.TemporaryDirectory(prefix="phalanx-bench-") as tmp:
-        telemetry = Telemetry.create("phalanx-coordinator")
-        app = CoordinatorApp(
-            coordinator_config(case, rounds, Path(tmp)),
-            telemetry,
-            RunOutputs(Path(tmp)),
-            synthetic_adapter(case.params),
-            run_id="bench",
-            on_round=lambda row: peaks.append(peak_rss()),
-        )
+        app, telemetry = create_coordinator(case, rounds, Path(tmp), lambda row: peaks.append(peak_rss()))
         try:
             print("address", await app.start(), flush=True)
             await app.registry.wait_for(case.trainers, REGISTER_TIMEOUT_SECONDS)

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,14 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def coordinator_config(case: Case, rounds: int, out: Path) -> CoordinatorConfig:
-    """Every trainer is sampled and must answer: one missing reply fails the round and the benchmark."""
-    return CoordinatorConfig(
+def create_coordinator(
+    case: Case, rounds: int, out: Path, on_round: Callable[[dict[str, Any]], None]
+) -> tuple[CoordinatorApp, Telemetry]:
+    """The coordinator of one case, recording telemetry without exporting it (the default).
+
+    Every trainer is sampled and must answer: one missing reply fails the round and the benchmark.
+    """
+    config = CoordinatorConfig(
         rounds=RoundConfig(
             rounds=rounds,
             min_trainers=case.trainers,
@@ -135,6 +141,9 @@ def coordinator_config(case: Case, rounds: int, out: Path) -> CoordinatorConfig:
         start_with=case.trainers,
         register_timeout=REGISTER_TIMEOUT_SECONDS,
     )
+    telemetry = Telemetry.create("phalanx-coordinator")
+    app = CoordinatorApp(config, telemetry, RunOutputs(out), synthetic_adapter(case.params), run_id="bench", on_round=on_round)
+    return app, telemetry
 
 
 async def run_case(
@@ -159,15 +168,7 @@ async def run_case(
             profiler.enable()
 
     with tempfile.TemporaryDirectory(prefix="phalanx-bench-") as tmp:
-        telemetry = Telemetry.create("phalanx-coordinator")
-        app = CoordinatorApp(
-            coordinator_config(case, rounds, Path(tmp)),
-            telemetry,
-            RunOutputs(Path(tmp)),
-            synthetic_adapter(case.params),
-            run_id="bench",
-            on_round=mark,
-        )
+        app, telemetry = create_coordinator(case, rounds, Path(tmp), mark)
         try:
             address = await app.start()
             trainers = start_trainers(
