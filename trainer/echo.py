@@ -72,7 +72,8 @@ class EchoLearner:
         return EvalOutcome(loss=1.0, accuracy=0.5, num_examples=n, seconds=time.perf_counter() - started)
 
     def _wait(self, stop: threading.Event) -> None:
-        if stop.wait(self.delay) if self.delay > 0 else stop.is_set():
+        stopped = stop.wait(self.delay) if self.delay > 0 else stop.is_set()
+        if stopped:
             self.stopped_jobs += 1
             raise Stopped
 
