@@ -27,7 +27,6 @@ log = logging.getLogger("trainer.echo")
 
 DEFAULT_PARAMS = 74_883
 DEFAULT_TENSORS = 26
-STOP_POLL_SECONDS = 0.01
 
 
 def synthetic_adapter(params: int = DEFAULT_PARAMS, tensors: int = DEFAULT_TENSORS, seed: int = 0) -> dict[str, np.ndarray]:
