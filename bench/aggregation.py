@@ -10,13 +10,20 @@ reply, so they run at smaller sizes.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Mapping
 
 import numpy as np
 
-from bench.common import DEFAULT_PARAMS, adapter_shapes, header, make_adapters, median_seconds, memcpy_gbps
+from bench.common import (
+    DEFAULT_PARAMS,
+    adapter_shapes,
+    header,
+    make_adapters,
+    median_seconds,
+    memcpy_gbps,
+    quick_and_repeats,
+)
 from coordinator.aggregation import create_aggregator
 
 FEDAVG = [("fedavg", k) for k in (2, 10, 100)]
@@ -38,17 +45,15 @@ def aggregate(strategy: str, replies: list[Mapping[str, np.ndarray]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="up to 1.2M parameters, fewer rows and repeats")
-    parser.add_argument("--repeats", type=int, help="timings per median (default 5, quick 3)")
-    args = parser.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 5)
+    quick, repeats = quick_and_repeats(
+        __doc__.splitlines()[0], "up to 1.2M parameters, fewer rows and repeats", argv
+    )
     rng = np.random.default_rng(0)
 
     print(header("coordinator.aggregation: seconds per round and GB/s of replies against memcpy"))
     print(f"{'strategy':<13} {'K':>4} {'P':>11} {'seconds':>10} {'GB/s':>7} {'memcpy GB/s':>12} {'ratio':>6}")
     ratios = {}
-    for params, cases in (QUICK if args.quick else FULL).items():
+    for params, cases in (QUICK if quick else FULL).items():
         shapes = adapter_shapes(params)
         size = sum(math.prod(s) for s in shapes.values())
         replies, store = make_adapters(shapes, max(k for _, k in cases), rng)

@@ -9,12 +9,19 @@ measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 
 import numpy as np
 
-from bench.common import DEFAULT_PARAMS, adapter_shapes, header, make_adapters, median_seconds, memcpy_gbps
+from bench.common import (
+    DEFAULT_PARAMS,
+    adapter_shapes,
+    header,
+    make_adapters,
+    median_seconds,
+    memcpy_gbps,
+    quick_and_repeats,
+)
 from phalanx.codec import WIRE_DTYPES, decode, encode
 from phalanx.v1 import adapter_pb2 as pb
 
@@ -34,17 +41,15 @@ def parse_each(messages: Sequence[bytes]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="skip the 12M-parameter adapter, fewer repeats")
-    parser.add_argument("--repeats", type=int, help="timings per median (default 5, quick 3)")
-    args = parser.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 5)
+    quick, repeats = quick_and_repeats(
+        __doc__.splitlines()[0], "skip the 12M-parameter adapter, fewer repeats", argv
+    )
     rng = np.random.default_rng(0)
 
     print(header("phalanx.codec: GB/s of wire payload (x memcpy of as many bytes)"))
     columns = f"{'P':>10} {'wire':>8} {'MB':>6} {'chunks':>6} {'memcpy':>7}"
     print(columns + "".join(f" {op:>18}" for op in OPS))
-    for params in PARAMS[:2] if args.quick else PARAMS:
+    for params in PARAMS[:2] if quick else PARAMS:
         [adapter], _ = make_adapters(adapter_shapes(params), 1, rng)
         count = sum(a.size for a in adapter.values())
         for wire in WIRES:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import math
 import os
@@ -99,3 +100,12 @@ def make_adapters(
             offset += n
         adapters.append(adapter)
     return adapters, store
+
+
+def quick_and_repeats(description: str, quick_help: str, argv: list[str] | None) -> tuple[bool, int]:
+    """Parse the flags the throughput benchmarks share: --quick, and --repeats (default 5, quick 3)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeats", type=int, help="timings per median (default 5, quick 3)")
+    args = parser.parse_args(argv)
+    return args.quick, args.repeats or (3 if args.quick else 5)
