@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, EncodedAdapter, TensorLayout, check_finite
+from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterAssembler, EncodedAdapter, TensorLayout
 from phalanx.rpc import create_channel
-from phalanx.streams import check_round, read_adapter
+from phalanx.streams import check_round, read_chunks, read_header
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -30,36 +31,47 @@ class EvaluateReply:
 
 @dataclass(frozen=True)
 class Broadcast:
-    """The chunk messages of one adapter for one request type, built and sized once per phase."""
+    """The serialised chunk messages of one adapter for one request type, built once per phase.
 
-    messages: tuple
-    sizes: tuple[int, ...]
+    Every call of the phase sends these same bytes.
+    """
+
+    messages: tuple[bytes, ...]
 
     @classmethod
     def of(cls, request_type: type, adapter: EncodedAdapter) -> Broadcast:
-        messages = tuple(request_type(chunk=c) for c in adapter.chunks)
-        return cls(messages, tuple(m.ByteSize() for m in messages))
+        return cls(tuple(request_type(chunk=c).SerializeToString() for c in adapter.chunks))
 
 
 class _Upload:
-    """The request stream of one call: a header, then the shared chunk messages; counts bytes sent.
+    """The request stream of one call: a header, then the shared chunk messages, then its end.
 
-    The chunks are sent while holding one of `slots`, so only so many adapters are in flight at once.
+    The chunks are sent while holding one of `slots`, so only so many adapters are in flight at
+    once; the stream ends once `end()` is called. Counts the bytes it sends.
     """
 
-    def __init__(self, header: object, broadcast: Broadcast, slots: asyncio.Semaphore) -> None:
-        self._header = header
+    def __init__(self, header: Any, broadcast: Broadcast, slots: asyncio.Semaphore) -> None:
+        self._header = header.SerializeToString()
         self._broadcast = broadcast
         self._slots = slots
+        self._end = asyncio.Event()
         self.bytes_sent = 0
 
-    async def __aiter__(self) -> AsyncIterator:
-        self.bytes_sent += self._header.ByteSize()
+    def end(self) -> None:
+        self._end.set()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.bytes_sent += len(self._header)
         yield self._header
         async with self._slots:
-            for message, size in zip(self._broadcast.messages, self._broadcast.sizes):
-                self.bytes_sent += size
+            for message in self._broadcast.messages:
+                self.bytes_sent += len(message)
                 yield message
+        await self._end.wait()
+
+
+def _method(name: str) -> str:
+    return f"/{trainer_pb2.DESCRIPTOR.services_by_name['TrainerService'].full_name}/{name}"
 
 
 class TrainerClient:
@@ -67,6 +79,14 @@ class TrainerClient:
         self.address = address
         self._channel = create_channel(address, telemetry)
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
+        # Requests are written already serialised (bytes pass through a None serializer): the
+        # adapter's chunk messages are serialised once per phase, not once per call.
+        self._train = self._channel.stream_stream(
+            _method("Train"), request_serializer=None, response_deserializer=trainer_pb2.TrainResponse.FromString
+        )
+        self._evaluate = self._channel.stream_unary(
+            _method("Evaluate"), request_serializer=None, response_deserializer=trainer_pb2.EvaluateResponse.FromString
+        )
 
     async def train(
         self,
@@ -80,29 +100,32 @@ class TrainerClient:
     ) -> TrainReply:
         """Send the global adapter, receive the trained one.
 
-        Raises AdapterError if the reply is malformed or WrongRound if it is for another round.
+        One of `slots` is held while the global adapter is sent, and another while the reply is
+        received: the request stream ends, which lets the trainer send its adapter, only once a
+        slot is free. Raises AdapterError if the reply is malformed or WrongRound if it is for
+        another round.
         """
         upload = _Upload(trainer_pb2.TrainRequest(header=header), adapter, slots)
-        call = self._stub.Train(aiter(upload), timeout=timeout)
+        call = self._train(aiter(upload), timeout=timeout)
         try:
-            result, trained, received = await read_adapter(
-                call,
-                "result",
-                expected=expected,
-                max_bytes=max_bytes,
-                check_header=lambda result: check_round(result, header.run_id, header.round),
-                slots=slots,
-            )
+            replies = aiter(call)
+            result, received = await read_header(replies, "result")
+            check_round(result, header.run_id, header.round)
+            assembler = AdapterAssembler(result.adapter, expected=expected, max_bytes=max_bytes)
+            async with slots:
+                upload.end()
+                received += await read_chunks(replies, assembler, until_complete=False)
         finally:
+            upload.end()
             call.cancel()  # no-op after a clean end; stops the trainer's stream after a rejection
-        check_finite(trained)
-        return TrainReply(result, trained, upload.bytes_sent, received)
+        return TrainReply(result, assembler.finish(require_finite=True), upload.bytes_sent, received)
 
     async def evaluate(
         self, header: trainer_pb2.EvaluateHeader, adapter: Broadcast, *, timeout: float, slots: asyncio.Semaphore
     ) -> EvaluateReply:
         upload = _Upload(trainer_pb2.EvaluateRequest(header=header), adapter, slots)
-        result = await self._stub.Evaluate(aiter(upload), timeout=timeout)
+        upload.end()  # nothing to wait for: the reply is a few numbers
+        result = await self._evaluate(aiter(upload), timeout=timeout)
         check_round(result, header.run_id, header.round)
         return EvaluateReply(result, upload.bytes_sent, result.ByteSize())
 
@@ -111,3 +134,4 @@ class TrainerClient:
 
     async def close(self) -> None:
         await self._channel.close()
+

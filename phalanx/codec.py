@@ -19,6 +19,7 @@ its subclass `AdapterTooLarge` (the declared size exceeds the receiver's cap).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_ADAPTER_BYTES = 256 << 20
 """Receivers refuse manifests that declare more than this many payload bytes."""
 
+CACHED_MANIFEST_BYTES = 1 << 16
 MAX_TENSORS = 100_000
 MAX_RANK = 8
 
@@ -112,7 +114,23 @@ def manifest_of(layout: Iterable[TensorLayout]) -> pb.AdapterManifest:
 
 
 def parse_manifest(manifest: pb.AdapterManifest, max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES) -> tuple[TensorLayout, ...]:
-    """Check a received manifest and return its layout; raise AdapterError naming the fault."""
+    """Check a received manifest and return its layout; raise AdapterError naming the fault.
+
+    The same manifest arrives with every reply of every round, so the layouts of manifests up to
+    CACHED_MANIFEST_BYTES are remembered by their serialised bytes (refusals are not).
+    """
+    serialized = manifest.SerializeToString()
+    if len(serialized) <= CACHED_MANIFEST_BYTES:
+        return _parse_serialized(serialized, max_bytes)
+    return _parse(manifest, max_bytes)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_serialized(serialized: bytes, max_bytes: int) -> tuple[TensorLayout, ...]:
+    return _parse(pb.AdapterManifest.FromString(serialized), max_bytes)
+
+
+def _parse(manifest: pb.AdapterManifest, max_bytes: int) -> tuple[TensorLayout, ...]:
     if len(manifest.tensors) > MAX_TENSORS:
         raise AdapterError(f"manifest lists {len(manifest.tensors)} tensors, more than {MAX_TENSORS}")
     layout: list[TensorLayout] = []
@@ -144,6 +162,8 @@ def parse_manifest(manifest: pb.AdapterManifest, max_bytes: int = DEFAULT_MAX_AD
 
 def check_layout(actual: Sequence[TensorLayout], expected: Sequence[TensorLayout], *, match_dtype: bool = True) -> None:
     """Raise AdapterError unless both layouts have the same keys, each with the same shape (and dtype)."""
+    if tuple(actual) == tuple(expected):
+        return
     have = {t.name: t for t in actual}
     want = {t.name: t for t in expected}
     missing = sorted(want.keys() - have.keys())
@@ -274,7 +294,13 @@ class AdapterAssembler:
         self._received = 0
         self._next_index = 0
 
-    def add(self, chunk: pb.AdapterChunk) -> None:
+    @property
+    def complete(self) -> bool:
+        """Whether the chunks so far hold every byte the manifest declares."""
+        return self._received == self.total_bytes
+
+    def add(self, chunk: pb.AdapterChunk) -> int:
+        """Take the next chunk; return its payload size."""
         if chunk.index != self._next_index:
             if chunk.index < self._next_index:
                 raise AdapterError(f"chunk {chunk.index} arrived twice")
@@ -293,8 +319,10 @@ class AdapterAssembler:
             self._payload[self._received : self._received + size] = np.frombuffer(data, dtype=np.uint8)
         self._received += size
         self._next_index += 1
+        return size
 
-    def finish(self) -> Adapter:
+    def finish(self, *, require_finite: bool = False) -> Adapter:
+        """The adapter; with `require_finite`, raise AdapterError naming a tensor that holds NaN or Inf."""
         if self._received != self.total_bytes:
             raise AdapterError(f"stream ended after {self._received} of {self.total_bytes} bytes")
         if isinstance(self._payload, np.ndarray):
@@ -304,7 +332,19 @@ class AdapterAssembler:
         for tensor in self.layout:
             adapter[tensor.name] = _from_wire(self._payload, offset, tensor)
             offset += tensor.nbytes
+        if require_finite and not self._finite_in_one_pass():
+            check_finite(adapter)
         return adapter
+
+    def _finite_in_one_pass(self) -> bool:
+        """True when the payload is of one IEEE dtype and all finite: one numpy call, not one per tensor.
+
+        False means "not shown": bfloat16, mixed dtypes, or a non-finite value to be named.
+        """
+        storage = {_STORAGE[t.dtype] for t in self.layout}
+        if len(storage) != 1 or (dtype := storage.pop()).kind != "f":
+            return False
+        return bool(np.isfinite(np.frombuffer(self._payload, dtype=dtype)).all())
 
 
 def decode(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -53,6 +53,46 @@ async def discard_rest(stream: AsyncIterable[Any], seconds: float = DISCARD_SECO
         await asyncio.wait_for(drop_all(), seconds)
 
 
+def chunk_message_size(index: int, size: int) -> int:
+    """Serialised bytes of a request or response message whose oneof holds an AdapterChunk.
+
+    Equal to the message's `ByteSize()`, which serialises the message to count it (a copy of
+    the chunk's bytes); every field number involved is below 16, so each tag is one byte.
+    """
+    inner = (1 + _varint_size(index) if index else 0) + (1 + _varint_size(size) + size if size else 0)
+    return 1 + _varint_size(inner) + inner
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+async def read_header(stream: AsyncIterator[Any], header_field: str) -> tuple[Any, int]:
+    """The first message of a oneof stream, which must be `header_field`, and its size in bytes."""
+    first = await anext(stream, None)
+    if first is None or first.WhichOneof("payload") != header_field:
+        raise AdapterError(f"stream must start with a {header_field}")
+    return getattr(first, header_field), first.ByteSize()
+
+
+async def read_chunks(stream: AsyncIterator[Any], assembler: AdapterAssembler, *, until_complete: bool) -> int:
+    """Feed the stream's chunk messages to `assembler`; return the bytes read.
+
+    Reads to the end of the stream, or with `until_complete` only until the adapter's bytes are
+    all in, leaving the stream open: the receiver can then act before the sender ends it.
+    """
+    nbytes = 0
+    while not (until_complete and assembler.complete):
+        message = await anext(stream, None)
+        if message is None:
+            break
+        if message.WhichOneof("payload") != "chunk":
+            raise AdapterError(f"expected an adapter chunk, got {message.WhichOneof('payload') or 'an empty message'}")
+        chunk: adapter_pb2.AdapterChunk = message.chunk
+        nbytes += chunk_message_size(chunk.index, assembler.add(chunk))
+    return nbytes
+
+
 async def read_adapter(
     stream: AsyncIterable[Any],
     header_field: str,
@@ -61,28 +101,23 @@ async def read_adapter(
     match_dtype: bool = True,
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     check_header: Callable[[Any], None] = lambda header: None,
-    slots: asyncio.Semaphore | None = None,
+    until_complete: bool = False,
 ) -> tuple[Any, Adapter, int]:
-    """Read `header_field` then the chunks of the adapter it announces from a oneof stream.
+    """Read `header_field` then the chunks of the finite adapter it announces from a oneof stream.
 
     The header's `adapter` field is the manifest; `check_header` may refuse the header before
-    any chunk is read, and the chunks are read holding one of `slots` (when given), which bounds
-    how many adapters are being assembled at once. Returns the header, the adapter and the number of bytes read. Raises
-    AdapterError when the stream is out of order or the adapter is malformed.
+    any chunk is read. Returns the header, the adapter and the number of bytes read. Raises
+    AdapterError when the stream is out of order or the adapter is malformed or not finite.
     """
     stream = aiter(stream)
-    first = await anext(stream, None)
-    if first is None or first.WhichOneof("payload") != header_field:
-        raise AdapterError(f"stream must start with a {header_field}")
-    header = getattr(first, header_field)
+    header, nbytes = await read_header(stream, header_field)
     check_header(header)
     assembler = AdapterAssembler(header.adapter, expected=expected, match_dtype=match_dtype, max_bytes=max_bytes)
-    nbytes = first.ByteSize()
-    async with slots or contextlib.nullcontext():
-        async for message in stream:
-            if message.WhichOneof("payload") != "chunk":
-                raise AdapterError(f"expected an adapter chunk, got {message.WhichOneof('payload') or 'an empty message'}")
-            nbytes += message.ByteSize()
-            chunk: adapter_pb2.AdapterChunk = message.chunk
-            assembler.add(chunk)
-        return header, assembler.finish(), nbytes
+    nbytes += await read_chunks(stream, assembler, until_complete=until_complete)
+    return header, assembler.finish(require_finite=True), nbytes
+
+
+async def expect_end(stream: AsyncIterator[Any], what: str) -> None:
+    """Raise AdapterError unless `stream` ends now: nothing may follow `what`."""
+    if await anext(stream, None) is not None:
+        raise AdapterError(f"the stream went on after {what}")

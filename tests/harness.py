@@ -23,8 +23,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from coordinator.app import CoordinatorApp
 from coordinator.config import CoordinatorConfig, RoundConfig
 from coordinator.outputs import RunOutputs
-from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
+from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, layout_of, manifest_of
+from phalanx.rpc import Server, create_channel
 from phalanx.telemetry import Telemetry
+from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc, trainer_pb2_grpc
 from trainer.echo import EchoLearner, synthetic_adapter
 from trainer.node import NodeConfig, TrainerNode
 
@@ -78,6 +80,7 @@ async def start_coordinator(
     start_with: int = 2,
     liveness_timeout: float = 10.0,
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+    max_transfers: int = CoordinatorConfig.max_transfers,
     keep_spans: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     **round_settings: Any,
@@ -97,6 +100,7 @@ async def start_coordinator(
         register_timeout=60.0,
         liveness_timeout=liveness_timeout,
         max_adapter_bytes=max_adapter_bytes,
+        max_transfers=max_transfers,
     )
     initial = synthetic_adapter(params)
     coordinator: Coordinator
@@ -131,6 +135,24 @@ async def start_echo_site(
     )
     await node.start()
     return EchoSite(node, learner, asyncio.create_task(node.run()))
+
+
+async def start_servicer_site(
+    coordinator: str, name: str, servicer: trainer_pb2_grpc.TrainerServiceServicer, layout: Adapter, partition: int = 9
+) -> Server:
+    """A gRPC server answering TrainerService with `servicer`, registered with the coordinator as `name`."""
+    telemetry = Telemetry.create(name)
+    server = Server(telemetry, [])
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server.grpc_server)
+    port = await server.start("127.0.0.1:0")
+    async with create_channel(coordinator, telemetry) as channel:
+        await coordinator_pb2_grpc.CoordinatorServiceStub(channel).Register(
+            coordinator_pb2.RegisterRequest(
+                name=name, address=f"127.0.0.1:{port}", partition=partition, num_train_examples=100,
+                num_test_examples=10, label_names=LABELS, adapter_layout=manifest_of(layout_of(layout)),
+            )  # fmt: skip
+        )
+    return server
 
 
 async def stop_sites(sites: list[EchoSite]) -> None:

@@ -21,12 +21,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from phalanx.codec import Adapter, encode, layout_of, manifest_of
-from phalanx.rpc import Server, create_channel
+from phalanx.codec import Adapter, encode
 from phalanx.streams import read_adapter
-from phalanx.telemetry import Telemetry
-from phalanx.v1 import adapter_pb2, coordinator_pb2, coordinator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
-from tests.harness import LABELS, start_coordinator, start_echo_site, stop_sites
+from phalanx.v1 import adapter_pb2, trainer_pb2, trainer_pb2_grpc
+from tests.harness import start_coordinator, start_echo_site, start_servicer_site, stop_sites
 
 PARAMS = 1_000
 MAX_BYTES = 64 * 1024
@@ -138,7 +136,7 @@ class RogueTrainer(trainer_pb2_grpc.TrainerServiceServicer):
         self.craft = craft
 
     async def Train(self, request_iterator, context) -> AsyncIterator[trainer_pb2.TrainResponse]:
-        header, adapter, _ = await read_adapter(request_iterator, "header", expected=None)
+        header, adapter, _ = await read_adapter(request_iterator, "header", expected=None, until_complete=True)
         for message in self.craft(header, adapter):
             yield message
 
@@ -147,27 +145,12 @@ class RogueTrainer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.EvaluateResponse(run_id=header.run_id, round=header.round, num_examples=10, loss=1.0, accuracy=0.5)
 
 
-async def start_rogue(coordinator: str, name: str, craft: Craft, layout: Adapter) -> Server:
-    telemetry = Telemetry.create("rogue")
-    server = Server(telemetry, [])
-    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(RogueTrainer(craft), server.grpc_server)
-    port = await server.start("127.0.0.1:0")
-    async with create_channel(coordinator, telemetry) as channel:
-        await coordinator_pb2_grpc.CoordinatorServiceStub(channel).Register(
-            coordinator_pb2.RegisterRequest(
-                name=name, address=f"127.0.0.1:{port}", partition=9, num_train_examples=100, num_test_examples=10,
-                label_names=LABELS, adapter_layout=manifest_of(layout_of(layout)),
-            )  # fmt: skip
-        )
-    return server
-
-
 @pytest.mark.parametrize("case", list(CASES))
 async def test_coordinator_rejects_a_bad_reply_names_it_and_goes_on(tmp_path: Path, case: str) -> None:
     craft, code, message = CASES[case]
     coordinator = await start_coordinator(tmp_path, params=PARAMS, start_with=3, max_adapter_bytes=MAX_BYTES)
     sites = [await start_echo_site(coordinator.address, k, params=PARAMS) for k in range(2)]
-    rogue = await start_rogue(coordinator.address, "rogue", craft, coordinator.initial)
+    rogue = await start_servicer_site(coordinator.address, "rogue", RogueTrainer(craft), coordinator.initial)
     try:
         rows = await coordinator.app.run()
     finally:
@@ -218,7 +201,7 @@ async def test_update_a_million_times_larger_is_bounded_by_clipping_or_a_robust_
     # Honest updates have norm ~0.3 (0.01 per value over 1000 values); the poisoned one ~3e5.
     coordinator = await start_coordinator(tmp_path, params=PARAMS, start_with=3, **settings)
     rogues = [
-        await start_rogue(coordinator.address, f"site-{k}", nudged(scale), coordinator.initial)
+        await start_servicer_site(coordinator.address, f"site-{k}", RogueTrainer(nudged(scale)), coordinator.initial)
         for k, scale in enumerate([0.01, 0.01, 0.01 * 1e6])
     ]
     try:

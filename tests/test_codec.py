@@ -19,8 +19,11 @@ from phalanx.codec import (
     decode,
     encode,
     layout_of,
+    parse_manifest,
 )
+from phalanx.streams import chunk_message_size
 from phalanx.v1 import adapter_pb2 as pb
+from phalanx.v1 import trainer_pb2
 
 
 def sample_adapter(rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -253,3 +256,35 @@ def test_non_finite_values_are_named(bad: float) -> None:
     adapter = {"ok": np.ones(3, dtype=np.float32), "w": np.array([1.0, bad, bad], dtype=np.float32)}
     with pytest.raises(AdapterError, match="tensor 'w' has 2 non-finite values"):
         check_finite(adapter)
+
+
+def test_chunk_message_size_is_the_serialised_size() -> None:
+    for index in (0, 1, 127, 128, 20_000):
+        for size in (1, 127, 128, 16_383, 16_384, CHUNK_BYTES):
+            chunk = pb.AdapterChunk(index=index, data=bytes(size))
+            for message in (trainer_pb2.TrainRequest(chunk=chunk), trainer_pb2.TrainResponse(chunk=chunk)):
+                assert chunk_message_size(index, size) == message.ByteSize() == len(message.SerializeToString())
+
+
+def test_manifest_checks_are_remembered_but_refusals_are_not() -> None:
+    manifest = encode({"w": np.zeros((4, 4), dtype=np.float32)}).manifest
+    first = parse_manifest(manifest)
+    assert parse_manifest(pb.AdapterManifest.FromString(manifest.SerializeToString())) is first
+    with pytest.raises(AdapterTooLarge):
+        parse_manifest(manifest, max_bytes=63)  # the cap is part of what is remembered
+    manifest.total_bytes += 1
+    for _ in range(2):
+        with pytest.raises(AdapterError, match="but its tensors need 64"):
+            parse_manifest(manifest)
+
+
+@pytest.mark.parametrize("dtype", sorted(WIRE_DTYPES))
+def test_assembler_names_the_non_finite_tensor_in_any_wire_dtype(dtype: str) -> None:
+    adapter = {"ok": np.ones(300, dtype=np.float32), "w": np.array([1.0, np.nan, np.inf], dtype=np.float32)}
+    encoded = encode(adapter, wire_dtype=WIRE_DTYPES[dtype])
+    assembler = AdapterAssembler(encoded.manifest)
+    for chunk in encoded.chunks:
+        assembler.add(chunk)
+    assert np.isnan(assembler.finish()["w"][1])  # decoding alone keeps the values
+    with pytest.raises(AdapterError, match="tensor 'w' has 2 non-finite values"):
+        assembler.finish(require_finite=True)

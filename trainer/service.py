@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 import grpc
 
-from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterError, check_finite, encode, layout_of
-from phalanx.streams import discard_rest, read_adapter, status_for
+from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterError, encode, layout_of
+from phalanx.streams import discard_rest, expect_end, read_adapter, status_for
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import adapter_pb2, trainer_pb2, trainer_pb2_grpc
 from trainer.jobs import EvalOutcome, LocalWork, Stopped, TrainOutcome
@@ -72,6 +72,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 adapter=encoded.manifest,
             )
         )
+        # The coordinator ends its request stream once it has room for this adapter, so replies
+        # that finish together do not all wait in its receive buffers.
+        await self._end_of_requests(request_iterator, context)
         for chunk in encoded.chunks:
             yield trainer_pb2.TrainResponse(chunk=chunk)
 
@@ -84,6 +87,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             )
 
         header, outcome = await self._serve("evaluate", request_iterator, context, evaluate)
+        await self._end_of_requests(request_iterator, context)
         return trainer_pb2.EvaluateResponse(
             run_id=header.run_id,
             round=header.round,
@@ -123,18 +127,32 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             return header, outcome
 
     async def _receive(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> tuple[Any, Adapter]:
-        """The request stream's header and the validated adapter it carries; aborts the call if malformed."""
+        """The request stream's header and the validated adapter it carries; aborts the call if malformed.
+
+        Reads only until the adapter's bytes are in, leaving the stream open.
+        """
         try:
             # The coordinator picks the wire dtype (float32, or float16/bfloat16 for half the bytes).
             header, adapter, _ = await read_adapter(
-                requests, "header", expected=self._expected, match_dtype=False, max_bytes=self._max_bytes
+                requests,
+                "header",
+                expected=self._expected,
+                match_dtype=False,
+                max_bytes=self._max_bytes,
+                until_complete=True,  # the work starts once the bytes are in; the stream ends later
             )
-            check_finite(adapter)
         except AdapterError as exc:
             log.warning("rejected adapter from coordinator: %s", exc)
             await discard_rest(requests)
             await context.abort(status_for(exc), f"rejected adapter: {exc}")
         return header, adapter
+
+    async def _end_of_requests(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> None:
+        """Wait for the coordinator to end the request stream; abort the call if anything else comes."""
+        try:
+            await expect_end(requests, "the adapter")
+        except AdapterError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rejected request: {exc}")
 
     async def _check_round(self, header: Any, context: grpc.aio.ServicerContext) -> None:
         """Refuse a request for an earlier round of the run this trainer is serving (a replay)."""

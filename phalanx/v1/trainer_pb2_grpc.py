@@ -58,14 +58,18 @@ class TrainerServiceServicer:
 
     def Train(self, request_iterator, context):
         """Streams the global adapter in, fine-tunes it on the site's partition and streams the
-        updated adapter back: first a TrainResult, then the adapter chunks it announces.
+        updated adapter back: first a TrainResult when training ends, then, once the caller has
+        closed its request stream, the adapter chunks it announces. Training starts as soon as the
+        chunks hold every byte of the adapter; a caller closes its stream when it has room to
+        receive the reply, which bounds how many replies it buffers at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Evaluate(self, request_iterator, context):
-        """Streams the global adapter in and returns its loss and accuracy on the site's test split.
+        """Streams the global adapter in and returns its loss and accuracy on the site's test split
+        once the caller has closed its request stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
