@@ -68,6 +68,7 @@ def measure(case: Case, rounds: int) -> dict[str, int]:
     argv = [
         sys.executable, "-m", "bench.memory", "--coordinator-only", "--trainers", str(case.trainers),
         "--params", str(case.params), "--aggregator", case.aggregator, "--rounds", str(rounds),
+        "--max-transfers", str(case.max_transfers),
     ]  # fmt: skip
     coordinator = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert coordinator.stdout is not None
@@ -91,27 +92,33 @@ def measure(case: Case, rounds: int) -> dict[str, int]:
             stop_process(trainers)
 
 
-def run(trainers: list[int], params: int, aggregators: list[str], rounds: int) -> None:
+def run(trainers: list[int], params: int, aggregators: list[str], max_transfers: list[int], rounds: int) -> None:
     adapter_mb = 4 * params / MB
     print(header("phalanx coordinator memory: coordinator and echo trainers in separate child processes"))
     print(versions())
     print(f"# P = {params:,}: one float32 adapter is {adapter_mb:.1f} MB; {rounds} training rounds per case")
     print(
-        f"{'N':>4} {'aggregator':>10} {'baseline MB':>11} {'after MB':>9} {'peak r0 MB':>10} {'peak MB':>8} "
+        f"{'N':>4} {'aggregator':>10} {'transfers':>9} {'baseline MB':>11} {'after MB':>9} {'peak r0 MB':>10} {'peak MB':>8} "
         f"{'growth MB':>9} "
         f"{'/ adapter':>9} {'N adapters MB':>13}",
         flush=True,
     )
     for aggregator in aggregators:
-        for n in trainers:
-            r = measure(Case(n, params, aggregator=aggregator), rounds)
-            growth = (r["peak"] - r["baseline"]) / MB
-            print(
-                f"{n:>4} {aggregator:>10} {r['baseline'] / MB:>11.1f} {r['after'] / MB:>9.1f} "
-                f"{r['round0_peak'] / MB:>10.1f} {r['peak'] / MB:>8.1f} "
-                f"{growth:>9.1f} {growth / adapter_mb:>9.1f} {n * adapter_mb:>13.1f}",
-                flush=True,
-            )
+        for transfers in max_transfers:
+            for n in trainers:
+                print_case(Case(n, params, aggregator=aggregator, max_transfers=transfers), rounds, adapter_mb)
+
+
+def print_case(case: Case, rounds: int, adapter_mb: float) -> None:
+    r = measure(case, rounds)
+    growth = (r["peak"] - r["baseline"]) / MB
+    n = case.trainers
+    print(
+        f"{n:>4} {case.aggregator:>10} {case.max_transfers:>9} {r['baseline'] / MB:>11.1f} {r['after'] / MB:>9.1f} "
+        f"{r['round0_peak'] / MB:>10.1f} {r['peak'] / MB:>8.1f} "
+        f"{growth:>9.1f} {growth / adapter_mb:>9.1f} {n * adapter_mb:>13.1f}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trainers", type=int, nargs="+", default=list(TRAINERS), help="trainer counts")
     parser.add_argument("--params", type=int, default=PARAMS, help="adapter parameters")
     parser.add_argument("--aggregator", nargs="+", default=list(AGGREGATORS), help="aggregators to compare")
+    parser.add_argument(
+        "--max-transfers", type=int, nargs="+", default=[Case.max_transfers], help="coordinator --max-transfers values"
+    )
     parser.add_argument("--rounds", type=int, help="training rounds per case (default 5, quick 2)")
     parser.add_argument("--coordinator-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -128,11 +138,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.coordinator_only:
             report = asyncio.run(
-                coordinate(Case(args.trainers[0], args.params, aggregator=args.aggregator[0]), rounds)
+                coordinate(
+                    Case(
+                        args.trainers[0], args.params, aggregator=args.aggregator[0], max_transfers=args.max_transfers[0]
+                    ),
+                    rounds,
+                )
             )
             print(json.dumps(report), flush=True)
             return
-        run(args.trainers, args.params, args.aggregator, rounds)
+        run(args.trainers, args.params, args.aggregator, args.max_transfers, rounds)
     except (KeyboardInterrupt, asyncio.CancelledError):
         sys.exit(130)
 

@@ -12,6 +12,10 @@ Per case, over the rounds after the warm-up:
   the checkpoint written between rounds and the metrics line;
 - CPU ms per round of this process (all its threads, and its event-loop thread alone, which runs
   the coordinator's and grpc.aio's Python code) and of the trainers' process;
+- floor: the median round of `bench.grpc_floor`, measured right after the case with the same N
+  and P: the same calls with the same number and size of messages in bare grpc.aio, with nothing
+  of Phalanx in them. `x floor` is the case's median over it. A goal below the floor is marked:
+  no code on top of grpc.aio can meet it on this machine;
 - bytes: protobuf bytes per trainer (the rows' `bytes_sent` and `bytes_received`) over the
   adapter's raw float32 bytes, per round and per adapter transfer: each round sends the adapter
   twice (Train and Evaluate requests) and receives it once (the Train reply). `overhead` is the
@@ -38,6 +42,7 @@ from typing import Any
 
 import psutil
 
+from bench import grpc_floor
 from bench.common import DEFAULT_PARAMS, header
 from coordinator.app import CoordinatorApp
 from coordinator.config import CoordinatorConfig, RoundConfig
@@ -71,10 +76,11 @@ class Case:
     params: int
     wire: str = "float32"
     aggregator: str = "fedavg"
+    max_transfers: int = CoordinatorConfig.max_transfers
 
     @property
     def name(self) -> str:
-        return f"n{self.trainers}-p{self.params}-{self.wire}-{self.aggregator}"
+        return f"n{self.trainers}-p{self.params}-{self.wire}-{self.aggregator}-t{self.max_transfers}"
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,7 @@ def create_coordinator(
         out=out,
         start_with=case.trainers,
         register_timeout=REGISTER_TIMEOUT_SECONDS,
+        max_transfers=case.max_transfers,
     )
     telemetry = Telemetry.create("phalanx-coordinator")
     app = CoordinatorApp(config, telemetry, RunOutputs(out), synthetic_adapter(case.params), run_id="bench", on_round=on_round)
@@ -237,25 +244,26 @@ def figures(case: Case, rows: list[dict[str, Any]], marks: list[Mark], warmup: i
     )
 
 
-def goal(f: Figures) -> str:
+def goal(f: Figures, floor_ms: float) -> str:
     limit = GOAL_MS.get(f.case.trainers)
     if limit is None or f.case.params != DEFAULT_PARAMS or f.case.wire != "float32":
         return ""
-    return f"<= {limit:g} ms: {'met' if f.round_ms <= limit else 'MISSED'}"
+    verdict = f"<= {limit:g} ms: {'met' if f.round_ms <= limit else 'MISSED'}"
+    return verdict + (" (below the floor)" if limit < floor_ms else "")
 
 
 TIME_HEADER = (
     f"{'N':>4} {'P':>10} {'wire':>8} {'rounds':>6} {'median':>8} {'p90':>8} {'period':>8} {'train':>8} "
-    f"{'evaluate':>8} {'CPU coord':>9} {'loop':>7} {'trainers':>9}  goal"
+    f"{'evaluate':>8} {'CPU coord':>9} {'loop':>7} {'trainers':>9} {'floor':>7} {'x floor':>7}  goal"
 )
 
 
-def time_line(f: Figures) -> str:
+def time_line(f: Figures, floor_ms: float) -> str:
     c = f.case
     return (
         f"{c.trainers:>4} {c.params:>10,} {c.wire:>8} {f.rounds:>6} {f.round_ms:>8.1f} {f.round_p90_ms:>8.1f} "
         f"{f.period_ms:>8.1f} {f.train_ms:>8.1f} {f.evaluate_ms:>8.1f} {f.cpu_ms:>9.1f} {f.loop_cpu_ms:>7.1f} "
-        f"{f.trainers_cpu_ms:>9.1f}  {goal(f)}"
+        f"{f.trainers_cpu_ms:>9.1f} {floor_ms:>7.1f} {f.round_ms / floor_ms:>7.2f}  {goal(f, floor_ms)}"
     )
 
 
@@ -312,7 +320,8 @@ async def bench(args: argparse.Namespace) -> None:
     print(versions())
     print(
         f"# round, period, phases: median ms over the rounds after {args.warmup} warm-up; "
-        "CPU: ms per round of each process (loop: the coordinator's event-loop thread)"
+        "CPU: ms per round of each process (loop: the coordinator's event-loop thread); "
+        "floor: the same calls in bare grpc.aio (bench.grpc_floor), measured after each case"
     )
     print(TIME_HEADER, flush=True)
     results: list[tuple[Case, Figures | None]] = []
@@ -329,7 +338,8 @@ async def bench(args: argparse.Namespace) -> None:
             continue
         measured = figures(case, rows, marks, args.warmup)
         results.append((case, measured))
-        print(time_line(measured), flush=True)
+        floor = await grpc_floor.measure(case.trainers, case.params, measured.rounds)
+        print(time_line(measured, 1e3 * statistics.median(floor)), flush=True)
     print(
         "\n# protobuf bytes per trainer over the raw float32 adapter (bytes_sent, bytes_received); overhead,"
     )
