@@ -233,6 +233,7 @@ class Federation:
         p = Participation(entry.name, phase, "failed")
         try:
             reply = await call()
+            self.registry.heard_from(entry)  # an answer shows the trainer alive, as a heartbeat would
             p.bytes_sent, p.bytes_received = reply.bytes_sent, reply.bytes_received
             accept(reply, p)
             p.status, p.code = "accepted", grpc.StatusCode.OK.name

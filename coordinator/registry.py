@@ -74,6 +74,10 @@ class Registry:
         self._entries[name].last_seen = time.monotonic()
         return True
 
+    def heard_from(self, entry: TrainerEntry) -> None:
+        """Record an answer from the trainer: it counts for liveness like a heartbeat."""
+        entry.last_seen = time.monotonic()
+
     def live(self) -> list[TrainerEntry]:
         """Trainers heard from within the liveness timeout, ordered by site name."""
         cutoff = time.monotonic() - self._liveness_timeout

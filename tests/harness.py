@@ -79,6 +79,7 @@ async def start_coordinator(
     params: int = 1_000,
     start_with: int = 2,
     liveness_timeout: float = 10.0,
+    heartbeat_interval: float = CoordinatorConfig.heartbeat_interval,
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     max_transfers: int = CoordinatorConfig.max_transfers,
     keep_spans: bool = True,
@@ -99,6 +100,7 @@ async def start_coordinator(
         start_with=start_with,
         register_timeout=60.0,
         liveness_timeout=liveness_timeout,
+        heartbeat_interval=heartbeat_interval,
         max_adapter_bytes=max_adapter_bytes,
         max_transfers=max_transfers,
     )

@@ -75,6 +75,7 @@ class TrainerNode:
             max_adapter_bytes=config.max_adapter_bytes,
         )
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, self._server.grpc_server)
+        self._servicer = servicer
         self._channel: grpc.aio.Channel | None = None
         self.address = ""
 
@@ -133,6 +134,8 @@ class TrainerNode:
                     reply = await stub.Register(self._register_request(), timeout=RPC_TIMEOUT_SECONDS)
                     trainer_id, interval = reply.trainer_id, reply.heartbeat_interval_seconds or 1.0
                     log.info("registered as %s (run %s)", trainer_id, reply.run_id)
+                elif time.monotonic() - self._servicer.last_call < interval:
+                    pass  # the coordinator's own calls show it this trainer is alive: no heartbeat needed
                 else:
                     beat = await stub.Heartbeat(
                         coordinator_pb2.HeartbeatRequest(trainer_id=trainer_id), timeout=RPC_TIMEOUT_SECONDS

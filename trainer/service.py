@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -40,6 +42,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         # until its thread notices the stop flag, so two jobs never share the model.
         self._model_lock = threading.Lock()
         self._latest: tuple[str, int] = ("", 0)  # run id and highest round asked for
+        self.last_call = -math.inf
+        """time.monotonic() when a Train or Evaluate call last started or ended."""
         self._tracer = telemetry.tracer()
         meter = telemetry.meter()
         self._examples = meter.create_counter("fl.client.examples", unit="{example}", description="examples processed")
@@ -112,6 +116,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         work: Callable[[Any, Adapter, threading.Event], Outcome],
     ) -> tuple[Any, Outcome]:
         """Receive a header and adapter, check the round, run `work` in a worker thread; record it all."""
+        self.last_call = time.monotonic()
+        try:
+            return await self._traced(phase, requests, context, work)
+        finally:
+            self.last_call = time.monotonic()
+
+    async def _traced(
+        self,
+        phase: str,
+        requests: AsyncIterator,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[Any, Adapter, threading.Event], Outcome],
+    ) -> tuple[Any, Outcome]:
         with self._tracer.start_as_current_span(f"fl.client.{phase}", attributes={"fl.partition": self._partition}) as span:
             header, adapter = await self._receive(requests, context)
             span.set_attribute("fl.round", header.round)

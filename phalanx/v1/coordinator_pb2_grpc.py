@@ -60,6 +60,8 @@ class CoordinatorServiceServicer:
 
     def Heartbeat(self, request, context):
         """Liveness. NOT_FOUND means the coordinator does not know the trainer: register again.
+        A trainer the coordinator has called within the interval may skip a beat: an answered
+        Train or Evaluate counts for liveness too.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
