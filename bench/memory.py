@@ -7,7 +7,12 @@ every trainer has registered (the baseline, before round 0), after its last roun
 minus the baseline. Round 0 only sends the adapter to every trainer for evaluation, so its peak
 is what the broadcast holds; the training rounds add the replies. fedavg folds each reply into
 one float32 running sum as it arrives, so its growth should not depend on N; median holds all N
-replies until the round ends, so its growth should be about N adapters.
+replies until the round ends, so its growth should be about N adapters. At most
+`--max-transfers` replies are taken in at once (`transfers`), whatever N.
+
+`Python peak` is tracemalloc's peak over the coordinator's run: what Python objects (arrays,
+bytes, messages) held at most, without gRPC's C-core buffers or the allocator's free memory,
+which RSS also counts.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import psutil
@@ -49,6 +55,7 @@ def peak_rss() -> int:
 async def coordinate(case: Case, rounds: int) -> dict[str, int]:
     """Run one coordinator, printing its address first; return its RSS figures in bytes."""
     peaks: list[int] = []
+    tracemalloc.start()
     with tempfile.TemporaryDirectory(prefix="phalanx-bench-") as tmp:
         app, telemetry = create_coordinator(case, rounds, Path(tmp), lambda row: peaks.append(peak_rss()))
         try:
@@ -60,7 +67,8 @@ async def coordinate(case: Case, rounds: int) -> dict[str, int]:
         finally:
             await app.close("finished")
             telemetry.shutdown()
-    return {"baseline": baseline, "after": after, "round0_peak": peaks[0], "peak": peak_rss()}
+    python_peak = tracemalloc.get_traced_memory()[1]
+    return {"baseline": baseline, "after": after, "round0_peak": peaks[0], "peak": peak_rss(), "python_peak": python_peak}
 
 
 def measure(case: Case, rounds: int) -> dict[str, int]:
@@ -99,8 +107,7 @@ def run(trainers: list[int], params: int, aggregators: list[str], max_transfers:
     print(f"# P = {params:,}: one float32 adapter is {adapter_mb:.1f} MB; {rounds} training rounds per case")
     print(
         f"{'N':>4} {'aggregator':>10} {'transfers':>9} {'baseline MB':>11} {'after MB':>9} {'peak r0 MB':>10} {'peak MB':>8} "
-        f"{'growth MB':>9} "
-        f"{'/ adapter':>9} {'N adapters MB':>13}",
+        f"{'growth MB':>9} {'/ adapter':>9} {'N adapters MB':>13} {'Python peak MB':>14}",
         flush=True,
     )
     for aggregator in aggregators:
@@ -116,7 +123,7 @@ def print_case(case: Case, rounds: int, adapter_mb: float) -> None:
     print(
         f"{n:>4} {case.aggregator:>10} {case.max_transfers:>9} {r['baseline'] / MB:>11.1f} {r['after'] / MB:>9.1f} "
         f"{r['round0_peak'] / MB:>10.1f} {r['peak'] / MB:>8.1f} "
-        f"{growth:>9.1f} {growth / adapter_mb:>9.1f} {n * adapter_mb:>13.1f}",
+        f"{growth:>9.1f} {growth / adapter_mb:>9.1f} {n * adapter_mb:>13.1f} {r['python_peak'] / MB:>14.1f}",
         flush=True,
     )
 
