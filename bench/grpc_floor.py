@@ -9,6 +9,7 @@ sends a header and the chunks and receives a short reply. Requests and replies a
 no protobuf, no codec, no checks, no aggregation, no interceptors, no telemetry.
 
     python -m bench.grpc_floor --trainers 8 --params 74883   # print the floor of one case
+    python -m bench.grpc_floor --trainers 8 --unary          # one unary echo per trainer instead
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ async def _swallow(requests, context) -> bytes:
     return REPLY
 
 
+async def _return(request: bytes, context) -> bytes:
+    return request
+
+
 async def serve(count: int) -> None:
     """`count` servers on ephemeral loopback ports; print the ports, serve until stdin closes."""
     handler = grpc.method_handlers_generic_handler(
@@ -64,6 +69,7 @@ async def serve(count: int) -> None:
         {
             "Train": grpc.stream_stream_rpc_method_handler(_echo),
             "Evaluate": grpc.stream_unary_rpc_method_handler(_swallow),
+            "Echo": grpc.unary_unary_rpc_method_handler(_return),
         },
     )
     servers = []
@@ -83,8 +89,17 @@ async def _one_round(channel: grpc.aio.Channel, messages: list[bytes]) -> None:
     await channel.stream_unary(f"/{SERVICE}/Evaluate")(iter(messages))
 
 
-async def measure(trainers: int, params: int, rounds: int, warmup: int = 2) -> list[float]:
-    """Seconds of each round after `warmup`: every channel's two calls, all channels at once."""
+async def _one_unary_call(channel: grpc.aio.Channel, messages: list[bytes]) -> None:
+    await channel.unary_unary(f"/{SERVICE}/Echo")(b"".join(messages))
+
+
+async def measure(trainers: int, params: int, rounds: int, warmup: int = 2, unary: bool = False) -> list[float]:
+    """Seconds of each round after `warmup`: every channel's two calls, all channels at once.
+
+    With `unary`, a round is one unary call per channel that sends the adapter's bytes and gets
+    them back: the least that any round moving the adapter both ways over gRPC could cost.
+    """
+    one_round = _one_unary_call if unary else _one_round
     child = subprocess.Popen(
         [sys.executable, "-m", "bench.grpc_floor", "--serve", str(trainers)],
         cwd=REPO,
@@ -102,7 +117,7 @@ async def measure(trainers: int, params: int, rounds: int, warmup: int = 2) -> l
         seconds: list[float] = []
         for _ in range(warmup + rounds):
             started = time.perf_counter()
-            await asyncio.gather(*(_one_round(channel, messages) for channel in channels))
+            await asyncio.gather(*(one_round(channel, messages) for channel in channels))
             seconds.append(time.perf_counter() - started)
         await asyncio.gather(*(channel.close() for channel in channels))
         return seconds[warmup:]
@@ -119,15 +134,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trainers", type=int, default=8)
     parser.add_argument("--params", type=int, default=DEFAULT_PARAMS)
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument(
+        "--unary", action="store_true", help="one unary call per trainer that echoes the adapter's bytes, not a round's calls"
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         asyncio.run(serve(args.serve))
         return
-    seconds = asyncio.run(measure(args.trainers, args.params, args.rounds))
+    seconds = asyncio.run(measure(args.trainers, args.params, args.rounds, unary=args.unary))
+    calls = "one unary echo per trainer" if args.unary else f"{len(messages_of(args.params)) - 1}-chunk round"
     print(
-        f"N={args.trainers} P={args.params:,} ({len(messages_of(args.params)) - 1} chunks): bare grpc.aio round "
-        f"median {1e3 * statistics.median(seconds):.1f} ms over {len(seconds)} rounds"
+        f"N={args.trainers} P={args.params:,}, {calls}: bare grpc.aio median "
+        f"{1e3 * statistics.median(seconds):.1f} ms over {len(seconds)} rounds"
     )
 
 

@@ -15,7 +15,7 @@ Per case, over the rounds after the warm-up:
 - floor: the median round of `bench.grpc_floor`, measured right after the case with the same N
   and P: the same calls with the same number and size of messages in bare grpc.aio, with nothing
   of Phalanx in them. `x floor` is the case's median over it. A goal below the floor is marked:
-  no code on top of grpc.aio can meet it on this machine;
+  no code that makes these calls over grpc.aio can meet it on this machine;
 - bytes: protobuf bytes per trainer (the rows' `bytes_sent` and `bytes_received`) over the
   adapter's raw float32 bytes, per round and per adapter transfer: each round sends the adapter
   twice (Train and Evaluate requests) and receives it once (the Train reply). `overhead` is the

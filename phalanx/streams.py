@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -100,18 +100,16 @@ async def read_adapter(
     expected: Sequence[TensorLayout] | None,
     match_dtype: bool = True,
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
-    check_header: Callable[[Any], None] = lambda header: None,
     until_complete: bool = False,
 ) -> tuple[Any, Adapter, int]:
     """Read `header_field` then the chunks of the finite adapter it announces from a oneof stream.
 
-    The header's `adapter` field is the manifest; `check_header` may refuse the header before
-    any chunk is read. Returns the header, the adapter and the number of bytes read. Raises
-    AdapterError when the stream is out of order or the adapter is malformed or not finite.
+    The header's `adapter` field is the manifest. Returns the header, the adapter and the number
+    of bytes read. Raises AdapterError when the stream is out of order or the adapter is
+    malformed or not finite.
     """
     stream = aiter(stream)
     header, nbytes = await read_header(stream, header_field)
-    check_header(header)
     assembler = AdapterAssembler(header.adapter, expected=expected, match_dtype=match_dtype, max_bytes=max_bytes)
     nbytes += await read_chunks(stream, assembler, until_complete=until_complete)
     return header, assembler.finish(require_finite=True), nbytes

@@ -118,30 +118,21 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         """Receive a header and adapter, check the round, run `work` in a worker thread; record it all."""
         self.last_call = time.monotonic()
         try:
-            return await self._traced(phase, requests, context, work)
+            with self._tracer.start_as_current_span(f"fl.client.{phase}", attributes={"fl.partition": self._partition}) as span:
+                header, adapter = await self._receive(requests, context)
+                span.set_attribute("fl.round", header.round)
+                await self._check_round(header, context)
+                outcome = await self._in_worker(context, lambda stop: work(header, adapter, stop))
+                examples = outcome.examples_seen if isinstance(outcome, TrainOutcome) else outcome.num_examples
+                span.set_attributes({"fl.examples": examples, "fl.loss": outcome.loss})
+                if isinstance(outcome, EvalOutcome):
+                    span.set_attribute("fl.accuracy", outcome.accuracy)
+                attrs = {"fl.partition": self._partition, "fl.phase": phase}
+                self._examples.add(examples, attrs)
+                self._loss.record(outcome.loss, attrs)
+                return header, outcome
         finally:
             self.last_call = time.monotonic()
-
-    async def _traced(
-        self,
-        phase: str,
-        requests: AsyncIterator,
-        context: grpc.aio.ServicerContext,
-        work: Callable[[Any, Adapter, threading.Event], Outcome],
-    ) -> tuple[Any, Outcome]:
-        with self._tracer.start_as_current_span(f"fl.client.{phase}", attributes={"fl.partition": self._partition}) as span:
-            header, adapter = await self._receive(requests, context)
-            span.set_attribute("fl.round", header.round)
-            await self._check_round(header, context)
-            outcome = await self._in_worker(context, lambda stop: work(header, adapter, stop))
-            examples = outcome.examples_seen if isinstance(outcome, TrainOutcome) else outcome.num_examples
-            span.set_attributes({"fl.examples": examples, "fl.loss": outcome.loss})
-            if isinstance(outcome, EvalOutcome):
-                span.set_attribute("fl.accuracy", outcome.accuracy)
-            attrs = {"fl.partition": self._partition, "fl.phase": phase}
-            self._examples.add(examples, attrs)
-            self._loss.record(outcome.loss, attrs)
-            return header, outcome
 
     async def _receive(self, requests: AsyncIterator, context: grpc.aio.ServicerContext) -> tuple[Any, Adapter]:
         """The request stream's header and the validated adapter it carries; aborts the call if malformed.
