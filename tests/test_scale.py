@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 import time
+import tracemalloc
 from pathlib import Path
 
 import grpc
@@ -18,9 +18,8 @@ TRAINERS = 100
 PARAMS = 74_883  # the default adapter's size
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 1e6
+def python_heap_mb() -> float:
+    return tracemalloc.get_traced_memory()[0] / 1e6
 
 
 async def test_hundred_trainers_register_once_and_health_stays_responsive(
@@ -28,9 +27,10 @@ async def test_hundred_trainers_register_once_and_health_stays_responsive(
 ) -> None:
     caplog.set_level(logging.INFO, logger="coordinator.registry")
     memory: dict[int, float] = {}
+    tracemalloc.start()
     coordinator = await start_coordinator(
         tmp_path, params=PARAMS, start_with=TRAINERS, rounds=6, min_trainers=TRAINERS, round_timeout=60, keep_spans=False,
-        on_round=lambda row: memory.__setitem__(row["round"], rss_mb()),
+        on_round=lambda row: memory.__setitem__(row["round"], python_heap_mb()),
     )  # fmt: skip
     trainers = start_echo_process(coordinator.address, first_partition=0, params=PARAMS, count=TRAINERS)
     latencies: list[float] = []
@@ -49,6 +49,7 @@ async def test_hundred_trainers_register_once_and_health_stays_responsive(
         run.cancel()
         await coordinator.close()
         kill(trainers)
+        tracemalloc.stop()
 
     entries = coordinator.app.registry.all()
     assert len(entries) == TRAINERS and len({e.trainer_id for e in entries}) == TRAINERS
@@ -57,5 +58,7 @@ async def test_hundred_trainers_register_once_and_health_stays_responsive(
     assert not [r for r in caplog.records if "re-registered" in r.getMessage()]
     assert all(r["trainers_accepted"] == TRAINERS and r["evaluators"] == TRAINERS for r in rows[1:])
     assert max(latencies) < 1.0 and len(latencies) > 10
-    # Rounds 2..6 each hold 100 replies in flight; memory after the last equals memory after the second.
-    assert memory[6] - memory[2] < 25, memory
+    # Rounds 2..6 each take in 100 replies (30 MB); what Python holds after the last equals what it
+    # held after the second. RSS is no measure of this: the allocator's and gRPC's native memory
+    # rises and falls by tens of MB from round to round.
+    assert memory[6] - memory[2] < 1.0, memory
