@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.unary and sum(len(m) for m in messages_of(args.params)) > MAX_MESSAGE_BYTES:
+        parser.error(f"--unary sends the adapter in one message: --params must fit in {MAX_MESSAGE_BYTES} bytes")
     if args.serve:
         asyncio.run(serve(args.serve))
         return
