@@ -6,6 +6,16 @@ and servicer, with local work that returns the adapter unchanged) run in one chi
 two share this machine's cores, so a round's wall time also holds the trainers' decoding and
 encoding; the CPU columns split the cost between the two processes.
 
+Every case runs twice, side by side: in plaintext, then with mutual TLS (`--tls both`, the
+default; `off` or `on` runs one of the two). For an mTLS case a throwaway CA signs a certificate
+for the coordinator and one per echo trainer (EC P-256, in the case's temporary folder); the
+coordinator requires the trainers' certificates and presents its own on its channels to them,
+and each trainer does the same. Every channel's handshake happens when its trainer registers,
+before round 0, so the measured rounds hold what TLS costs on every round: encrypting and
+decrypting each message in both processes. `x plain` is an mTLS case's median round over the
+plaintext case's, measured just before it. A site lost to connection set-up shows as a FAILED
+case: every trainer must register and answer every round.
+
 Per case, over the rounds after the warm-up:
 - round ms: the rows' `seconds` (train plus evaluate phase), median and p90, and each phase's
   median; `period` is the median wall time from one round's row to the next, which also holds
@@ -14,8 +24,9 @@ Per case, over the rounds after the warm-up:
   the coordinator's and grpc.aio's Python code) and of the trainers' process;
 - floor: the median round of `bench.grpc_floor`, measured right after the case with the same N
   and P: the same calls with the same number and size of messages in bare grpc.aio, with nothing
-  of Phalanx in them. `x floor` is the case's median over it. A goal below the floor is marked:
-  no code that makes these calls over grpc.aio can meet it on this machine;
+  of Phalanx in them, in plaintext: the reference for the plaintext and the mTLS case alike.
+  `x floor` is the case's median over it. A goal below the floor is marked: no code that makes
+  these calls over grpc.aio can meet it on this machine;
 - bytes: protobuf bytes per trainer (the rows' `bytes_sent` and `bytes_received`) over the
   adapter's raw float32 bytes, per round and per adapter transfer: each round sends the adapter
   twice (Train and Evaluate requests) and receives it once (the Train reply). `overhead` is the
@@ -36,7 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,9 +60,11 @@ from coordinator.config import CoordinatorConfig, RoundConfig
 from coordinator.federation import RoundFailed
 from coordinator.outputs import RunOutputs
 from phalanx.codec import WIRE_DTYPES, encode
+from phalanx.pki import COORDINATOR_NAME, provision
+from phalanx.rpc import TlsCredentials
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import trainer_pb2
-from trainer.echo import synthetic_adapter
+from trainer.echo import echo_name, synthetic_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ("negative", "neutral", "positive")
@@ -68,6 +81,9 @@ REGISTER_TIMEOUT_SECONDS = 120.0
 TRAINER_GIVE_UP_SECONDS = 10.0
 """Echo trainers left behind by a killed benchmark exit once the coordinator is gone this long."""
 STOP_GRACE_SECONDS = 10.0
+TLS_MODES = {"both": (False, True), "off": (False,), "on": (True,)}
+"""--tls: which of plaintext (False) and mutual TLS (True) each case runs with, in this order."""
+COORDINATOR_HOSTS = ("127.0.0.1", "localhost")
 
 
 @dataclass(frozen=True)
@@ -77,10 +93,20 @@ class Case:
     wire: str = "float32"
     aggregator: str = "fedavg"
     max_transfers: int = CoordinatorConfig.max_transfers
+    tls: bool = False
+    """Mutual TLS on every channel (a throwaway CA per case)."""
 
     @property
     def name(self) -> str:
-        return f"n{self.trainers}-p{self.params}-{self.wire}-{self.aggregator}-t{self.max_transfers}"
+        security = "mtls" if self.tls else "plain"
+        return (
+            f"n{self.trainers}-p{self.params}-{self.wire}-{self.aggregator}-t{self.max_transfers}-{security}"
+        )
+
+    @property
+    def security(self) -> str:
+        """The tls column: off or mTLS."""
+        return "mTLS" if self.tls else "off"
 
 
 @dataclass(frozen=True)
@@ -98,12 +124,16 @@ def versions() -> str:
     return "# " + ", ".join(f"{name} {importlib.metadata.version(name)}" for name in names)
 
 
-def start_trainers(address: str, count: int, params: int, profile: Path | None = None) -> subprocess.Popen:
-    """`count` echo trainers in one child process, optionally under cProfile (written when they exit)."""
+def start_trainers(
+    address: str, count: int, params: int, certs: Path | None = None, profile: Path | None = None
+) -> subprocess.Popen:
+    """`count` echo trainers in one child process, with mutual TLS from the `certs` folder if given,
+    optionally under cProfile (written when they exit)."""
     runner = ["-m", "cProfile", "-o", str(profile)] if profile else []
+    tls = ["--certs", str(certs)] if certs else []
     argv = [
         sys.executable, *runner, "-m", "trainer.echo", "--coordinator", address, "--count", str(count),
-        "--params", str(params), "--give-up-after", str(TRAINER_GIVE_UP_SECONDS),
+        "--params", str(params), "--give-up-after", str(TRAINER_GIVE_UP_SECONDS), *tls,
     ]  # fmt: skip
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL)
 
@@ -125,8 +155,21 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
+def provision_pki(folder: Path, trainers: int) -> TlsCredentials:
+    """A throwaway CA in `folder` with certificates for the coordinator and echo trainers 0 to
+    `trainers` - 1; returns the coordinator's credentials."""
+    provision(folder, [echo_name(k) for k in range(trainers)], COORDINATOR_HOSTS)
+    return TlsCredentials.load(
+        folder / "ca.pem", folder / f"{COORDINATOR_NAME}.pem", folder / f"{COORDINATOR_NAME}.key"
+    )
+
+
 def create_coordinator(
-    case: Case, rounds: int, out: Path, on_round: Callable[[dict[str, Any]], None]
+    case: Case,
+    rounds: int,
+    out: Path,
+    on_round: Callable[[dict[str, Any]], None],
+    tls: TlsCredentials | None = None,
 ) -> tuple[CoordinatorApp, Telemetry]:
     """The coordinator of one case, recording telemetry without exporting it (the default).
 
@@ -147,10 +190,23 @@ def create_coordinator(
         start_with=case.trainers,
         register_timeout=REGISTER_TIMEOUT_SECONDS,
         max_transfers=case.max_transfers,
+        tls=tls,
     )
     telemetry = Telemetry.create("phalanx-coordinator")
     app = CoordinatorApp(config, telemetry, RunOutputs(out), synthetic_adapter(case.params), run_id="bench", on_round=on_round)
     return app, telemetry
+
+
+async def run_or_fail(app: CoordinatorApp, trainers: int) -> list[dict[str, Any]]:
+    """`app.run()`, with trainers that never registered (e.g. lost to connection set-up) raised as
+    RoundFailed, so the case prints as FAILED like a round with a missing reply."""
+    try:
+        return await app.run()
+    except TimeoutError:
+        live = len(app.registry.live())
+        raise RoundFailed(
+            f"only {live} of {trainers} trainers registered within {REGISTER_TIMEOUT_SECONDS:g} s"
+        ) from None
 
 
 async def run_case(
@@ -159,7 +215,8 @@ async def run_case(
     """Run a coordinator and its echo trainers; return the rows and the clocks read at each row.
 
     With `profile_dir`, the coordinator's event loop is profiled over the rounds after the
-    warm-up, and the trainers' process over its whole life.
+    warm-up, and the trainers' process over its whole life. A TLS case provisions its PKI in the
+    case's temporary folder first.
     """
     trainers: subprocess.Popen | None = None
     trainers_process: psutil.Process | None = None
@@ -175,17 +232,20 @@ async def run_case(
             profiler.enable()
 
     with tempfile.TemporaryDirectory(prefix="phalanx-bench-") as tmp:
-        app, telemetry = create_coordinator(case, rounds, Path(tmp), mark)
+        certs = Path(tmp) / "pki" if case.tls else None
+        tls = provision_pki(certs, case.trainers) if certs else None
+        app, telemetry = create_coordinator(case, rounds, Path(tmp), mark, tls)
         try:
             address = await app.start()
             trainers = start_trainers(
                 address,
                 case.trainers,
                 case.params,
+                certs,
                 profile_dir / f"trainers-{case.name}.pstats" if profile_dir else None,
             )
             trainers_process = psutil.Process(trainers.pid)
-            rows = await app.run()
+            rows = await run_or_fail(app, case.trainers)
         finally:
             profiler.disable()
             await app.close("finished")
@@ -252,18 +312,27 @@ def goal(f: Figures, floor_ms: float) -> str:
     return verdict + (" (below the floor)" if limit < floor_ms else "")
 
 
+def case_columns(case: Case) -> str:
+    """The columns that name a case in both tables: N, P, wire and tls."""
+    return f"{case.trainers:>4} {case.params:>10,} {case.wire:>8} {case.security:>4}"
+
+
+CASE_HEADER = f"{'N':>4} {'P':>10} {'wire':>8} {'tls':>4}"
 TIME_HEADER = (
-    f"{'N':>4} {'P':>10} {'wire':>8} {'rounds':>6} {'median':>8} {'p90':>8} {'period':>8} {'train':>8} "
-    f"{'evaluate':>8} {'CPU coord':>9} {'loop':>7} {'trainers':>9} {'floor':>7} {'x floor':>7}  goal"
+    f"{CASE_HEADER} {'rounds':>6} {'median':>8} {'p90':>8} {'period':>8} {'train':>8} {'evaluate':>8} "
+    f"{'CPU coord':>9} {'loop':>7} {'trainers':>9} {'floor':>7} {'x floor':>7} {'x plain':>7}  goal"
 )
 
 
-def time_line(f: Figures, floor_ms: float) -> str:
+def time_line(f: Figures, floor_ms: float, plain_ms: float | None) -> str:
+    """One row of the time table; `plain_ms` is the plaintext case's median round, for an mTLS case."""
     c = f.case
+    x_plain = f"{f.round_ms / plain_ms:>7.2f}" if plain_ms else f"{'':>7}"
     return (
-        f"{c.trainers:>4} {c.params:>10,} {c.wire:>8} {f.rounds:>6} {f.round_ms:>8.1f} {f.round_p90_ms:>8.1f} "
-        f"{f.period_ms:>8.1f} {f.train_ms:>8.1f} {f.evaluate_ms:>8.1f} {f.cpu_ms:>9.1f} {f.loop_cpu_ms:>7.1f} "
-        f"{f.trainers_cpu_ms:>9.1f} {floor_ms:>7.1f} {f.round_ms / floor_ms:>7.2f}  {goal(f, floor_ms)}"
+        f"{case_columns(c)} {f.rounds:>6} {f.round_ms:>8.1f} {f.round_p90_ms:>8.1f} {f.period_ms:>8.1f} "
+        f"{f.train_ms:>8.1f} {f.evaluate_ms:>8.1f} {f.cpu_ms:>9.1f} {f.loop_cpu_ms:>7.1f} "
+        f"{f.trainers_cpu_ms:>9.1f} {floor_ms:>7.1f} {f.round_ms / floor_ms:>7.2f} {x_plain}  "
+        f"{goal(f, floor_ms)}"
     )
 
 
@@ -278,7 +347,7 @@ def encoded_ratio(params: int, wire: str) -> float:
 
 
 BYTES_HEADER = (
-    f"{'N':>4} {'P':>10} {'wire':>8} {'sent/round':>10} {'/transfer':>9} {'recv/round':>10} {'/transfer':>9} "
+    f"{CASE_HEADER} {'sent/round':>10} {'/transfer':>9} {'recv/round':>10} {'/transfer':>9} "
     f"{'overhead':>9} {'encoded':>8}  goal"
 )
 
@@ -297,13 +366,14 @@ def bytes_line(case: Case, f: Figures | None) -> str:
     verdict = "met" if max(overhead, encoded) <= MAX_BYTES_RATIO else "MISSED"
     if f is None:
         verdict += " (encoded only)"
-    return f"{case.trainers:>4} {case.params:>10,} {case.wire:>8} {measured}{encoded:>8.4f}  <= {MAX_BYTES_RATIO}: {verdict}"
+    return f"{case_columns(case)} {measured}{encoded:>8.4f}  <= {MAX_BYTES_RATIO}: {verdict}"
 
 
-def cases(trainers: list[int], params: list[int], wire_trainers: int) -> list[Case]:
+def cases(trainers: list[int], params: list[int], wire_trainers: int, tls: str) -> list[Case]:
+    """Each case in plaintext and then with mutual TLS, or in the one of the two `tls` names."""
     float32 = [Case(n, p) for p in params for n in trainers]
     half = [Case(wire_trainers, p, wire) for p in params for wire in HALF_WIRES] if wire_trainers else []
-    return float32 + half
+    return [replace(case, tls=on) for case in float32 + half for on in TLS_MODES[tls]]
 
 
 def int_list(text: str) -> list[int]:
@@ -321,11 +391,13 @@ async def bench(args: argparse.Namespace) -> None:
     print(
         f"# round, period, phases: median ms over the rounds after {args.warmup} warm-up; "
         "CPU: ms per round of each process (loop: the coordinator's event-loop thread); "
-        "floor: the same calls in bare grpc.aio (bench.grpc_floor), measured after each case"
+        "floor: the same calls in bare grpc.aio (bench.grpc_floor), in plaintext, measured after each "
+        "case; x plain: an mTLS case's median over the plaintext case's just before it"
     )
     print(TIME_HEADER, flush=True)
     results: list[tuple[Case, Figures | None]] = []
-    for case in cases(args.trainers, args.params, args.wire_trainers):
+    plain_ms: dict[Case, float] = {}
+    for case in cases(args.trainers, args.params, args.wire_trainers, args.tls):
         rounds = args.rounds_large if case.params >= 1_000_000 else args.rounds
         if case.wire != "float32":
             rounds = min(rounds, args.wire_rounds)
@@ -334,12 +406,15 @@ async def bench(args: argparse.Namespace) -> None:
         except RoundFailed as exc:
             results.append((case, None))
             reason = str(exc).split("; ")[0]  # the first trainer's
-            print(f"{case.trainers:>4} {case.params:>10,} {case.wire:>8}  FAILED: {reason}", flush=True)
+            print(f"{case_columns(case)}  FAILED: {reason}", flush=True)
             continue
         measured = figures(case, rows, marks, args.warmup)
         results.append((case, measured))
+        if not case.tls:
+            plain_ms[case] = measured.round_ms
         floor = await grpc_floor.measure(case.trainers, case.params, measured.rounds)
-        print(time_line(measured, 1e3 * statistics.median(floor)), flush=True)
+        plain = plain_ms.get(replace(case, tls=False)) if case.tls else None
+        print(time_line(measured, 1e3 * statistics.median(floor), plain), flush=True)
     print(
         "\n# protobuf bytes per trainer over the raw float32 adapter (bytes_sent, bytes_received); overhead,"
     )
@@ -370,6 +445,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--wire-rounds", type=int, default=5, help="most rounds for the bfloat16 and float16 cases"
+    )
+    parser.add_argument(
+        "--tls",
+        choices=TLS_MODES,
+        default="both",
+        help="plaintext (off), mutual TLS (on), or both side by side (default)",
     )
     parser.add_argument(
         "--profile", type=Path, help="write cProfile statistics of both processes to this folder"

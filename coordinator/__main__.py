@@ -29,10 +29,13 @@ from phalanx.cli import (
     model_and_data_flags,
     model_config,
     parse_with_config,
+    tls_credentials,
 )
 from coordinator.aggregation import AGGREGATORS
 from coordinator.config import CoordinatorConfig, RoundConfig
+from coordinator.registry import RegistryLimits
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, WIRE_DTYPES
+from phalanx.rpc import TlsCredentials, check_plaintext
 
 log = logging.getLogger("coordinator")
 
@@ -51,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--max-transfers", type=int, default=16, help="adapters streamed at once (bounds memory)")
     run.add_argument("--max-adapter-bytes", type=int, default=DEFAULT_MAX_ADAPTER_BYTES, help="largest reply accepted")
+    run.add_argument(
+        "--allow-sites", type=Path, help="file of site names that may join, one a line (`NAME [MAX_WEIGHT]`); re-read on change"
+    )
+    run.add_argument(
+        "--max-trainers", type=int, default=RegistryLimits.max_trainers, help="most registered trainers at once"
+    )
     rounds = parser.add_argument_group("rounds")
     rounds.add_argument("--rounds", type=int, default=8, help="federated rounds")
     rounds.add_argument("--min-trainers", type=int, default=2, help="trainers needed to start and to accept a round")
@@ -73,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tls: TlsCredentials | None) -> None:
     checks = [
         (args.rounds >= 1, "--rounds must be at least 1"),
         (args.min_trainers >= 1, "--min-trainers must be at least 1"),
@@ -91,10 +100,20 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             args.spawn_trainers == 0 or args.spawn_trainers >= args.min_trainers,
             "--spawn-trainers must be at least --min-trainers",
         ),
+        (args.max_trainers >= 1, "--max-trainers must be at least 1"),
+        (
+            args.spawn_trainers == 0 or not any([args.ca, args.cert, args.key]),
+            "--spawn-trainers provisions its own throwaway CA under --out; drop --ca/--cert/--key",
+        ),
     ]
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    try:
+        # --spawn-trainers provisions its own certificates unless --insecure: either way plaintext is chosen or avoided.
+        check_plaintext(args.listen, tls, args.insecure or args.spawn_trainers > 0, listening=True)
+    except ValueError as exc:  # TlsError, or an address that is not host:port
+        parser.error(str(exc))
 
 
 def round_config(args: argparse.Namespace) -> RoundConfig:
@@ -119,7 +138,7 @@ def round_config(args: argparse.Namespace) -> RoundConfig:
 
 
 def clear_outputs(out: Path) -> None:
-    for name in ("metrics.jsonl", "checkpoints", "adapter", "logs"):
+    for name in ("metrics.jsonl", "checkpoints", "adapter", "logs", "pki"):
         path = out / name
         if path.is_dir():
             shutil.rmtree(path)
@@ -127,12 +146,12 @@ def clear_outputs(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-async def coordinate(args: argparse.Namespace) -> int:
+async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> int:
     from coordinator.app import CoordinatorApp
     from coordinator.federation import RoundFailed
     from coordinator.outputs import RunOutputs
     from coordinator.report import Report
-    from coordinator.spawn import TrainerProcesses
+    from coordinator.spawn import TrainerProcesses, provision_spawned
     from phalanx.model import adapter_state, build_model, save_adapter
     from phalanx.sites import load_source
     from phalanx.telemetry import Telemetry
@@ -140,6 +159,13 @@ async def coordinate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     report = Report(args.rounds)
     labels = label_names(args) or (await asyncio.to_thread(load_source, data_config(args))).label_names
+    if args.fresh:
+        clear_outputs(args.out)
+    spawn_pki = None
+    if args.spawn_trainers and not args.insecure:
+        spawn_pki = await asyncio.to_thread(provision_spawned, args.out / "pki", args.spawn_trainers, args.listen)
+        tls = spawn_pki.coordinator
+        report.say(f"Mutual TLS with a throwaway CA in {spawn_pki.directory} (--insecure for plaintext).")
     config = CoordinatorConfig(
         rounds=round_config(args),
         model=model_config(args, len(labels)),
@@ -150,9 +176,11 @@ async def coordinate(args: argparse.Namespace) -> int:
         register_timeout=args.register_timeout,
         max_adapter_bytes=args.max_adapter_bytes,
         max_transfers=args.max_transfers,
+        tls=tls,
+        insecure=args.insecure,
+        allow_sites=args.allow_sites,
+        registry=RegistryLimits(max_trainers=args.max_trainers),
     )
-    if args.fresh:
-        clear_outputs(args.out)
     outputs = RunOutputs(args.out)
     model = await asyncio.to_thread(build_model, config.model)
     adapter = adapter_state(model)
@@ -195,7 +223,9 @@ async def coordinate(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop, sig)
         if args.spawn_trainers:
             threads = args.trainer_threads or max(1, (os.cpu_count() or 1) // args.spawn_trainers)
-            spawned = TrainerProcesses(args.spawn_trainers, address, model_and_data_flags(args), args.out / "logs", threads)
+            spawned = TrainerProcesses(
+                args.spawn_trainers, address, model_and_data_flags(args), args.out / "logs", threads, spawn_pki
+            )
             await spawned.start()
             report.say(f"Started {args.spawn_trainers} trainers ({threads} torch threads each); logs in {args.out / 'logs'}.")
             early_exit = asyncio.ensure_future(spawned.first_exit())
@@ -233,15 +263,17 @@ async def coordinate(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_with_config(parser, argv)
-    validate(parser, args)
+    tls = tls_credentials(parser, args)
+    validate(parser, args, tls)
     configure_logging(args.log_level, "coordinator")
+    from coordinator.allowlist import AllowlistError
     from coordinator.outputs import CheckpointError
     from phalanx.data import DataError
     from phalanx.model import ModelError
 
     try:
-        return asyncio.run(coordinate(args))
-    except (DataError, ModelError, CheckpointError) as exc:
+        return asyncio.run(coordinate(args, tls))
+    except (DataError, ModelError, CheckpointError, AllowlistError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

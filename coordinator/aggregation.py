@@ -72,10 +72,11 @@ class FedAvg(Aggregator):
 
     def _add(self, adapter: Mapping[str, np.ndarray], weight: float) -> None:
         w = np.float32(weight)
-        for name, total in self._sum.items():
-            scaled = self._scratch[: total.size].reshape(total.shape)
-            np.multiply(adapter[name], w, out=scaled)
-            total += scaled
+        with np.errstate(over="ignore"):  # an overflow is Inf in the result, which the round refuses
+            for name, total in self._sum.items():
+                scaled = self._scratch[: total.size].reshape(total.shape)
+                np.multiply(adapter[name], w, out=scaled)
+                total += scaled
         self._weight += weight
 
     def _result(self) -> Adapter:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+from coordinator.allowlist import Allowlist
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Federation
 from coordinator.outputs import RunOutputs
@@ -33,19 +34,28 @@ class CoordinatorApp:
         on_round: Callable[[dict[str, Any]], None] = lambda row: None,
     ) -> None:
         self.config = config
-        self.registry = Registry(telemetry, config.liveness_timeout)
+        self.registry = Registry(
+            telemetry,
+            config.liveness_timeout,
+            tls=config.tls,
+            limits=config.registry,
+            allowlist=Allowlist(config.allow_sites) if config.allow_sites is not None else None,
+        )
         self.federation = Federation(
             config, self.registry, telemetry, outputs, initial, run_id=run_id, start_round=start_round, on_round=on_round
         )
-        self.server = Server(telemetry, [SERVICE_NAME])
+        self.server = Server(telemetry, [SERVICE_NAME], config.tls)
         coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
             CoordinatorServicer(
                 self.registry,
                 run_id=run_id,
+                last_round=config.rounds.rounds,
                 label_names=config.label_names,
                 layout=layout_of(initial),
                 heartbeat_interval=config.heartbeat_interval,
                 run_state=lambda: self.federation.state,
+                secure=config.tls is not None,
+                insecure_remote=config.insecure,
             ),
             self.server.grpc_server,
         )

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coordinator.registry import RegistryLimits
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
 from phalanx.model import ModelConfig
+from phalanx.rpc import TlsCredentials
 
 
 @dataclass(frozen=True)
@@ -58,3 +60,12 @@ class CoordinatorConfig:
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     max_transfers: int = 16
     """Adapters streamed at once (to and from trainers): bounds memory however many trainers there are."""
+    transfer_timeout: float = 30.0
+    """Seconds (plus one per MiB) a trainer has to deliver its adapter once a transfer slot is free for it."""
+    tls: TlsCredentials | None = None
+    """Mutual TLS on every channel; None is plaintext."""
+    insecure: bool = False
+    """Without TLS, accept trainers (and listen) off this machine: --insecure."""
+    allow_sites: Path | None = None
+    """A file of the site names that may join (and their weight caps): --allow-sites."""
+    registry: RegistryLimits = field(default_factory=RegistryLimits)

@@ -20,7 +20,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.outputs import RunOutputs
 from coordinator.registry import Registry, TrainerEntry
 from coordinator.trainer_client import Broadcast, EvaluateReply, TrainReply
-from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, encode, layout_of
+from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, check_finite, encode, layout_of
 from phalanx.streams import status_for
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import coordinator_pb2, trainer_pb2
@@ -255,7 +255,7 @@ class Federation:
         held: dict[str, tuple[Adapter, float]] = {}  # accepted replies, when folded in a fixed order
 
         def accept(entry: TrainerEntry, reply: TrainReply, p: Participation) -> None:
-            adapter, weight = reply.adapter, float(reply.result.num_examples)
+            adapter, weight = reply.adapter, self._weight(entry, reply.result.num_examples)
             if rounds.clip_norm > 0:
                 adapter, norm = clip_update(self.adapter, adapter, rounds.clip_norm)
                 if norm > rounds.clip_norm:
@@ -283,7 +283,7 @@ class Federation:
                 "train",
                 lambda: entry.client.train(
                     header, broadcast, expected=self._expected, timeout=rounds.round_timeout, slots=self._slots,
-                    max_bytes=self.config.max_adapter_bytes,
+                    max_bytes=self.config.max_adapter_bytes, transfer_floor=self.config.transfer_timeout,
                 ),  # fmt: skip
                 lambda reply, p: accept(entry, reply, p),
             )
@@ -295,7 +295,25 @@ class Federation:
         if accepted < rounds.min_trainers:
             reasons = "; ".join(f"{p.trainer}: {p.code} {p.reason}" for p in stats.train if p.status != "accepted")
             raise RoundFailed(f"round {round_}: {accepted} accepted replies, need {rounds.min_trainers} ({reasons})")
-        return aggregator.result()
+        result = aggregator.result()
+        try:
+            check_finite(result)
+        except AdapterError as exc:
+            raise RoundFailed(f"round {round_}: the aggregate is not finite ({exc}); the previous global adapter stays") from None
+        return result
+
+    def _weight(self, entry: TrainerEntry, claimed: int) -> float:
+        """A reply's FedAvg weight: its example count, bounded by what the site registered and by the allowlist."""
+        if claimed > entry.num_train_examples:
+            raise AdapterError(
+                f"reply claims {claimed} training examples; site {entry.name} registered {entry.num_train_examples}"
+            )
+        allowlist = self.registry.allowlist
+        if allowlist is None:
+            return float(claimed)
+        if not allowlist.allows(entry.name):
+            raise AdapterError(f"site {entry.name} is no longer in --allow-sites")
+        return float(min(claimed, allowlist.max_weight(entry.name)))
 
     async def _evaluate(self, round_: int, stats: RoundStats) -> None:
         rounds = self.config.rounds
@@ -310,11 +328,12 @@ class Federation:
             adapter=encoded.manifest,
         )
 
-        def accept(reply: EvaluateReply, p: Participation) -> None:
+        def accept(entry: TrainerEntry, reply: EvaluateReply, p: Participation) -> None:
             r = reply.result
-            if r.num_examples == 0 or not (math.isfinite(r.loss) and 0.0 <= r.accuracy <= 1.0):
+            if not (0 < r.num_examples <= entry.num_test_examples and math.isfinite(r.loss) and 0.0 <= r.accuracy <= 1.0):
                 raise AdapterError(
-                    f"implausible evaluation: {r.num_examples} examples, loss {r.loss}, accuracy {r.accuracy}"
+                    f"implausible evaluation: {r.num_examples} examples (site {entry.name} registered "
+                    f"{entry.num_test_examples}), loss {r.loss}, accuracy {r.accuracy}"
                 )
             p.num_examples, p.loss, p.accuracy, p.compute_seconds = r.num_examples, r.loss, r.accuracy, r.seconds
 
@@ -325,7 +344,7 @@ class Federation:
                         e,
                         "evaluate",
                         lambda e=e: e.client.evaluate(header, broadcast, timeout=rounds.round_timeout, slots=self._slots),
-                        accept,
+                        lambda reply, p, e=e: accept(e, reply, p),
                     )
                     for e in chosen
                 )

@@ -1,4 +1,9 @@
-"""The CoordinatorService servicer: admission checks, then the registry does the work."""
+"""The CoordinatorService servicer: admission checks, then the registry does the work.
+
+With TLS, a site is who its certificate says: the name in the request may only repeat it, and
+the address it registers must be one its certificate was issued for. Without TLS (loopback, or
+--insecure), the request's name is taken after the same checks on its form.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,15 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from coordinator.registry import Registry
+from coordinator.registry import Registry, RegistrationRefused
 from phalanx.codec import AdapterError, TensorLayout, check_layout, parse_manifest
+from phalanx.identity import AddressError, check_address, check_site_name, is_loopback, printable
+from phalanx.pki import ROLE_SITE
+from phalanx.rpc import require_peer
 from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+MAX_LABELS = 10_000
+MIN_TRAINER_PORT = 1024
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
@@ -17,48 +28,107 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         registry: Registry,
         *,
         run_id: str,
+        last_round: int,
         label_names: Sequence[str],
         layout: Sequence[TensorLayout],
         heartbeat_interval: float,
         run_state: Callable[[], int],
+        secure: bool,
+        insecure_remote: bool = False,
     ) -> None:
+        """`secure`: identities come from client certificates. `insecure_remote`: without TLS,
+        accept trainer addresses off this machine (--insecure); otherwise only loopback ones."""
         self._registry = registry
         self._run_id = run_id
+        self._last_round = last_round
         self._labels = tuple(label_names)
         self._layout = tuple(layout)
         self._heartbeat_interval = heartbeat_interval
         self._run_state = run_state
+        self._secure = secure
+        self._insecure_remote = insecure_remote
 
     async def Register(
         self, request: coordinator_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.RegisterResponse:
-        if not request.name or not request.address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "register needs a name and an address")
-        if tuple(request.label_names) != self._labels:
+        name = await self._site_name(request.name, context)
+        await self._check_address(name, request.address, context)
+        allowlist = self._registry.allowlist
+        if allowlist is not None and not allowlist.allows(name):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {name} is not in the coordinator's --allow-sites")
+        if len(request.label_names) > MAX_LABELS or tuple(request.label_names) != self._labels:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"label sets differ: trainer has {list(request.label_names)}, run has {list(self._labels)}",
+                f"label sets differ: trainer has {printable(list(request.label_names))}, run has {list(self._labels)}",
             )
         try:
             check_layout(parse_manifest(request.adapter_layout), self._layout)
         except AdapterError as exc:
             await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"adapter layout differs (model or LoRA settings?): {exc}"
+                grpc.StatusCode.FAILED_PRECONDITION, f"adapter layout differs (model or LoRA settings?): {printable(exc, 200)}"
             )
-        entry = await self._registry.register(
-            name=request.name,
-            address=request.address,
-            partition=request.partition,
-            num_train_examples=request.num_train_examples,
-            num_test_examples=request.num_test_examples,
-        )
+        try:
+            entry = await self._registry.register(
+                name=name,
+                address=request.address,
+                partition=request.partition,
+                num_train_examples=request.num_train_examples,
+                num_test_examples=request.num_test_examples,
+            )
+        except RegistrationRefused as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return coordinator_pb2.RegisterResponse(
-            trainer_id=entry.trainer_id, run_id=self._run_id, heartbeat_interval_seconds=self._heartbeat_interval
+            trainer_id=entry.trainer_id,
+            run_id=self._run_id,
+            heartbeat_interval_seconds=self._heartbeat_interval,
+            last_round=self._last_round,
         )
 
     async def Heartbeat(
         self, request: coordinator_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> coordinator_pb2.HeartbeatResponse:
-        if not self._registry.heartbeat(request.trainer_id):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown trainer id {request.trainer_id!r}; register again")
+        name = (await require_peer(context, ROLE_SITE)).name if self._secure else None
+        if not self._registry.heartbeat(request.trainer_id, name):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"unknown trainer id {printable(request.trainer_id)}; register again"
+            )
         return coordinator_pb2.HeartbeatResponse(state=self._run_state())
+
+    async def _site_name(self, claimed: str, context: grpc.aio.ServicerContext) -> str:
+        """The registering site's name: its certificate's, or with no TLS the one it claims, once checked."""
+        if self._secure:
+            name = (await require_peer(context, ROLE_SITE)).name
+            if claimed and claimed != name:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the certificate is site {printable(name)}'s; it cannot register as {printable(claimed)}",
+                )
+            return name
+        try:
+            return check_site_name(claimed)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad site name: {exc}")
+
+    async def _check_address(self, name: str, address: str, context: grpc.aio.ServicerContext) -> None:
+        """The address must be host:port, and a host the coordinator may dial for this site."""
+        try:
+            host, port = check_address(address)
+        except AddressError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if port < MIN_TRAINER_PORT:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"trainer port {port} is refused: ports below {MIN_TRAINER_PORT} belong to system services",
+            )
+        if self._secure:
+            hosts = (await require_peer(context, ROLE_SITE)).hosts
+            if host.lower() not in {h.lower() for h in hosts}:
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"site {name}'s certificate is not valid for host {printable(host)} (it names {sorted(hosts)[:8]})",
+                )
+        elif not self._insecure_remote and not is_loopback(host):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"plaintext coordinator: only loopback trainer addresses are accepted, got {printable(host)}",
+            )

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterAssembler, EncodedAdapter, TensorLayout
-from phalanx.rpc import create_channel
-from phalanx.streams import check_round, read_chunks, read_header
+from phalanx.rpc import TlsCredentials, create_channel
+from phalanx.streams import TransferStalled, check_round, read_chunks, read_header
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -70,14 +70,29 @@ class _Upload:
         await self._end.wait()
 
 
+TRANSFER_BYTES_PER_SECOND = 1 << 20
+"""The slowest rate at which a trainer may deliver its adapter once its transfer slot is free."""
+
+
+def transfer_seconds(floor: float, nbytes: int) -> float:
+    """How long a reply of `nbytes` may take once the coordinator has room for it."""
+    return floor + nbytes / TRANSFER_BYTES_PER_SECOND
+
+
 def _method(name: str) -> str:
     return f"/{trainer_pb2.DESCRIPTOR.services_by_name['TrainerService'].full_name}/{name}"
 
 
 class TrainerClient:
-    def __init__(self, address: str, telemetry: Telemetry) -> None:
+    """One trainer's channel and calls.
+
+    With `tls`, the trainer must present the certificate whose identity SAN is `server_name`
+    (its site's), whatever address it registered.
+    """
+
+    def __init__(self, address: str, telemetry: Telemetry, tls: TlsCredentials | None = None, server_name: str = "") -> None:
         self.address = address
-        self._channel = create_channel(address, telemetry)
+        self._channel = create_channel(address, telemetry, tls, server_name=server_name)
         self._stub = trainer_pb2_grpc.TrainerServiceStub(self._channel)
         # Requests are written already serialised (bytes pass through a None serializer): the
         # adapter's chunk messages are serialised once per phase, not once per call.
@@ -97,13 +112,15 @@ class TrainerClient:
         timeout: float,
         slots: asyncio.Semaphore,
         max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+        transfer_floor: float = 30.0,
     ) -> TrainReply:
         """Send the global adapter, receive the trained one.
 
         One of `slots` is held while the global adapter is sent, and another while the reply is
         received: the request stream ends, which lets the trainer send its adapter, only once a
-        slot is free. Raises AdapterError if the reply is malformed or WrongRound if it is for
-        another round.
+        slot is free. The reply must then arrive within `transfer_seconds(transfer_floor, size)`,
+        so a trainer that goes silent cannot keep a slot from the others. Raises AdapterError if
+        the reply is malformed, WrongRound if it is for another round, TransferStalled if it is late.
         """
         upload = _Upload(trainer_pb2.TrainRequest(header=header), adapter, slots)
         call = self._train(aiter(upload), timeout=timeout)
@@ -112,9 +129,14 @@ class TrainerClient:
             result, received = await read_header(replies, "result")
             check_round(result, header.run_id, header.round)
             assembler = AdapterAssembler(result.adapter, expected=expected, max_bytes=max_bytes)
+            allowed = transfer_seconds(transfer_floor, result.adapter.total_bytes)
             async with slots:
                 upload.end()
-                received += await read_chunks(replies, assembler, until_complete=False)
+                try:
+                    async with asyncio.timeout(allowed):
+                        received += await read_chunks(replies, assembler, until_complete=False)
+                except TimeoutError:
+                    raise TransferStalled(f"the adapter did not arrive within {allowed:.1f} s of its turn") from None
         finally:
             upload.end()
             call.cancel()  # no-op after a clean end; stops the trainer's stream after a rejection
@@ -128,6 +150,14 @@ class TrainerClient:
         result = await self._evaluate(aiter(upload), timeout=timeout)
         check_round(result, header.run_id, header.round)
         return EvaluateReply(result, upload.bytes_sent, result.ByteSize())
+
+    async def connect(self, timeout: float) -> bool:
+        """Set up the connection (and its TLS handshake) now, ahead of the first call; False if it fails in time."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def end_run(self, run_id: str, reason: str, timeout: float) -> None:
         await self._stub.EndRun(trainer_pb2.EndRunRequest(run_id=run_id, reason=reason), timeout=timeout)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from phalanx.model import DEFAULT_MODEL, ModelConfig
 from phalanx.partition import PARTITIONERS
+from phalanx.rpc import TlsCredentials, TlsError
 from phalanx.sites import DataConfig
 
 
@@ -48,10 +49,36 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "security", "mutual TLS with certificates from `python -m phalanx.pki`; plaintext only on loopback or with --insecure"
+    )
+    group.add_argument("--ca", type=Path, help="the federation's CA certificate (PEM)")
+    group.add_argument("--cert", type=Path, help="this process's certificate (PEM), signed by --ca")
+    group.add_argument("--key", type=Path, help="the private key of --cert (PEM)")
+    group.add_argument("--insecure", action="store_true", help="allow plaintext off loopback (no TLS, no identities)")
+
+
+def tls_credentials(parser: argparse.ArgumentParser, args: argparse.Namespace) -> TlsCredentials | None:
+    """The TLS files named by --ca/--cert/--key (all three or none), loaded; exits with a message if unusable."""
+    given = [args.ca, args.cert, args.key]
+    if not any(given):
+        return None
+    if not all(given):
+        parser.error("TLS needs all three of --ca, --cert and --key")
+    if args.insecure:
+        parser.error("--insecure and TLS certificates exclude each other")
+    try:
+        return TlsCredentials.load(args.ca, args.cert, args.key)
+    except TlsError as exc:
+        parser.error(str(exc))
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML file with any of these options")
     parser.add_argument("--seed", type=int, default=0, help="seed for the adapter, sampling, partitioning and batches")
     parser.add_argument("--log-level", default="INFO", help="logging level")
+    add_tls_arguments(parser)
     add_model_arguments(parser)
     add_data_arguments(parser)
 

@@ -19,14 +19,20 @@ class WrongRound(AdapterError):
     """A message for another run or round than the one open: a closed, unknown or replayed round."""
 
 
+class TransferStalled(AdapterError):
+    """A peer did not deliver an adapter in the time its size allows once its transfer could start."""
+
+
 def status_for(error: AdapterError) -> grpc.StatusCode:
     """The status that names a rejected message's fault.
 
     RESOURCE_EXHAUSTED for an oversized adapter, FAILED_PRECONDITION for a message from another
-    round, INVALID_ARGUMENT for any other malformed input.
+    round, DEADLINE_EXCEEDED for a stalled transfer, INVALID_ARGUMENT for any other malformed input.
     """
     if isinstance(error, AdapterTooLarge):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, TransferStalled):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(error, WrongRound):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INVALID_ARGUMENT

@@ -33,3 +33,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     BertModel(config).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory):
+    """One provisioned federation (CA, coordinator, site-a/b/c, echo-0..5) for the whole session."""
+    from tests.certs import Pki
+
+    return Pki.provision(tmp_path_factory.mktemp("pki"))

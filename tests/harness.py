@@ -23,12 +23,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from coordinator.app import CoordinatorApp
 from coordinator.config import CoordinatorConfig, RoundConfig
 from coordinator.outputs import RunOutputs
+from coordinator.registry import RegistryLimits
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, layout_of, manifest_of
-from phalanx.rpc import Server, create_channel
+from phalanx.rpc import Server, TlsCredentials, create_channel
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc, trainer_pb2_grpc
 from trainer.echo import EchoLearner, synthetic_adapter
 from trainer.node import NodeConfig, TrainerNode
+from trainer.service import WorkLimits
 
 LABELS = ("negative", "neutral", "positive")
 REPO = Path(__file__).resolve().parents[1]
@@ -82,8 +84,12 @@ async def start_coordinator(
     heartbeat_interval: float = CoordinatorConfig.heartbeat_interval,
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     max_transfers: int = CoordinatorConfig.max_transfers,
+    transfer_timeout: float = CoordinatorConfig.transfer_timeout,
     keep_spans: bool = True,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    tls: TlsCredentials | None = None,
+    allow_sites: Path | None = None,
+    registry: RegistryLimits = RegistryLimits(),
     **round_settings: Any,
 ) -> Coordinator:
     round_settings.setdefault("rounds", 1)
@@ -103,6 +109,10 @@ async def start_coordinator(
         heartbeat_interval=heartbeat_interval,
         max_adapter_bytes=max_adapter_bytes,
         max_transfers=max_transfers,
+        transfer_timeout=transfer_timeout,
+        tls=tls,
+        allow_sites=allow_sites,
+        registry=registry,
     )
     initial = synthetic_adapter(params)
     coordinator: Coordinator
@@ -126,35 +136,71 @@ class EchoSite:
 
 
 async def start_echo_site(
-    coordinator: str, partition: int, *, params: int = 1_000, delay: float = 0.0, advertise: str = "", listen: str = "127.0.0.1:0"
+    coordinator: str,
+    partition: int,
+    *,
+    params: int = 1_000,
+    delay: float = 0.0,
+    advertise: str = "",
+    listen: str = "127.0.0.1:0",
+    tls: TlsCredentials | None = None,
+    limits: WorkLimits = WorkLimits(),
+    register: bool = True,
 ) -> EchoSite:
+    """An echo trainer node; with `register=False` it only serves, as a member of run "run-1" of 10 rounds."""
     learner = EchoLearner(synthetic_adapter(params), delay=delay)
+    name = tls.identity.name if tls is not None else f"echo-{partition}"
     node = TrainerNode(
-        NodeConfig(partition=partition, coordinator=coordinator, listen=listen, advertise=advertise, name=f"echo-{partition}"),
+        NodeConfig(
+            partition=partition, coordinator=coordinator, listen=listen, advertise=advertise, name=name, tls=tls, limits=limits
+        ),
         learner,
         Telemetry.create("phalanx-trainer"),
         LABELS,
     )
     await node.start()
+    if not register:
+        node.servicer.join("run-1", last_round=10)
+        return EchoSite(node, learner, asyncio.create_task(node.ended()))
     return EchoSite(node, learner, asyncio.create_task(node.run()))
 
 
 async def start_servicer_site(
-    coordinator: str, name: str, servicer: trainer_pb2_grpc.TrainerServiceServicer, layout: Adapter, partition: int = 9
+    coordinator: str,
+    name: str,
+    servicer: trainer_pb2_grpc.TrainerServiceServicer,
+    layout: Adapter,
+    partition: int = 9,
+    tls: TlsCredentials | None = None,
+    num_train_examples: int = 100,
 ) -> Server:
     """A gRPC server answering TrainerService with `servicer`, registered with the coordinator as `name`."""
     telemetry = Telemetry.create(name)
-    server = Server(telemetry, [])
+    server = Server(telemetry, [], tls)
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server.grpc_server)
     port = await server.start("127.0.0.1:0")
-    async with create_channel(coordinator, telemetry) as channel:
+    async with create_channel(coordinator, telemetry, tls) as channel:
         await coordinator_pb2_grpc.CoordinatorServiceStub(channel).Register(
             coordinator_pb2.RegisterRequest(
-                name=name, address=f"127.0.0.1:{port}", partition=partition, num_train_examples=100,
+                name=name, address=f"127.0.0.1:{port}", partition=partition, num_train_examples=num_train_examples,
                 num_test_examples=10, label_names=LABELS, adapter_layout=manifest_of(layout_of(layout)),
             )  # fmt: skip
         )
     return server
+
+
+async def run_with_rogue(
+    coordinator: Coordinator, rogue: trainer_pb2_grpc.TrainerServiceServicer, *, params: int, echoes: int = 2
+) -> list[dict[str, Any]]:
+    """Run the coordinator's rounds with `echoes` honest echo trainers and one site named "rogue"; close all after."""
+    sites = [await start_echo_site(coordinator.address, k, params=params) for k in range(echoes)]
+    server = await start_servicer_site(coordinator.address, "rogue", rogue, coordinator.initial)
+    try:
+        return await coordinator.app.run()
+    finally:
+        await stop_sites(sites)
+        await server.stop(0)
+        await coordinator.close()
 
 
 async def stop_sites(sites: list[EchoSite]) -> None:

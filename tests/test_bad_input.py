@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from phalanx.codec import Adapter, encode
 from phalanx.streams import read_adapter
 from phalanx.v1 import adapter_pb2, trainer_pb2, trainer_pb2_grpc
-from tests.harness import start_coordinator, start_echo_site, start_servicer_site, stop_sites
+from tests.harness import run_with_rogue, start_coordinator, start_echo_site, start_servicer_site, stop_sites
 
 PARAMS = 1_000
 MAX_BYTES = 64 * 1024
@@ -149,14 +149,7 @@ class RogueTrainer(trainer_pb2_grpc.TrainerServiceServicer):
 async def test_coordinator_rejects_a_bad_reply_names_it_and_goes_on(tmp_path: Path, case: str) -> None:
     craft, code, message = CASES[case]
     coordinator = await start_coordinator(tmp_path, params=PARAMS, start_with=3, max_adapter_bytes=MAX_BYTES)
-    sites = [await start_echo_site(coordinator.address, k, params=PARAMS) for k in range(2)]
-    rogue = await start_servicer_site(coordinator.address, "rogue", RogueTrainer(craft), coordinator.initial)
-    try:
-        rows = await coordinator.app.run()
-    finally:
-        await stop_sites(sites)
-        await rogue.stop(0)
-        await coordinator.close()
+    rows = await run_with_rogue(coordinator, RogueTrainer(craft), params=PARAMS)
 
     row = rows[-1]
     [failure] = row["failures"]
@@ -229,7 +222,7 @@ def train_request_stream(messages: list) -> list[trainer_pb2.TrainRequest]:
             r = m.result
             out.append(
                 trainer_pb2.TrainRequest(
-                    header=trainer_pb2.TrainHeader(run_id=r.run_id, round=r.round, local_steps=1, batch_size=1, adapter=r.adapter)
+                    header=trainer_pb2.TrainHeader(run_id=r.run_id, round=r.round, local_steps=1, batch_size=1, learning_rate=1e-3, adapter=r.adapter)
                 )
             )
         else:
@@ -243,7 +236,7 @@ TRAINER_CASES = [c for c in CASES if c not in ("wrong dtype", "closed round", "u
 
 
 async def test_trainer_rejects_bad_requests_with_named_status_and_stays_healthy(tmp_path: Path) -> None:
-    site = await start_echo_site("127.0.0.1:1", 0, params=PARAMS)  # no coordinator needed to serve
+    site = await start_echo_site("127.0.0.1:1", 0, params=PARAMS, register=False)
     try:
         async with grpc.aio.insecure_channel(site.node.address) as channel:
             stub = trainer_pb2_grpc.TrainerServiceStub(channel)

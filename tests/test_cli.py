@@ -48,6 +48,11 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path: Path) -> None:
     config.write_text('rounds = 7\nlocal-steps = 3\nlisten = "127.0.0.1:6000"\n')
     args = parse_with_config(coordinator_parser(), ["--config", str(config), "--rounds", "2"])
     assert (args.rounds, args.local_steps, args.listen) == (2, 3, "127.0.0.1:6000")
+    config.write_text('ca = "certs/ca.pem"\ncert = "certs/coordinator.pem"\nkey = "certs/coordinator.key"\nallow-sites = "a"\n')
+    args = parse_with_config(coordinator_parser(), ["--config", str(config)])
+    assert (args.ca, args.cert, args.key, args.allow_sites) == tuple(
+        Path(p) for p in ("certs/ca.pem", "certs/coordinator.pem", "certs/coordinator.key", "a")
+    )
     config.write_text("round = 7\n")
     with pytest.raises(SystemExit):
         parse_with_config(coordinator_parser(), ["--config", str(config)])
@@ -61,6 +66,9 @@ def run_federation(out: Path, *args: str, timeout: float, env: dict[str, str] | 
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Finished" in result.stdout
+    # The default federation runs over mutual TLS with a throwaway CA it provisions under --out.
+    assert f"Mutual TLS with a throwaway CA in {out / 'pki'}" in result.stdout
+    assert all((out / "pki" / f"{name}.key").stat().st_mode & 0o777 == 0o600 for name in ("coordinator", "partition-0"))
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

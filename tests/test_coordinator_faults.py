@@ -179,7 +179,7 @@ def test_sigterm_drains_finishes_the_round_checkpoints_flushes_and_exits_zero(tm
         try:
             wait_for_checkpoint(out, 1, coordinator)
             coordinator.send_signal(signal.SIGTERM)  # round 2 is in flight
-            statuses = health_until_gone(f"127.0.0.1:{port}")
+            statuses = health_until_gone(f"127.0.0.1:{port}", out / "pki")
             output, _ = coordinator.communicate(timeout=120)
         finally:
             if coordinator.poll() is None:
@@ -196,11 +196,14 @@ def test_sigterm_drains_finishes_the_round_checkpoints_flushes_and_exits_zero(tm
         assert "coordinator ended the run: the coordinator stopped" in log
 
 
-def health_until_gone(address: str, timeout: float = 60) -> list[int]:
-    """Poll the coordinator's health until it stops answering; return the statuses seen."""
+def health_until_gone(address: str, pki: Path, timeout: float = 60) -> list[int]:
+    """Poll the coordinator's health over mTLS (as site partition-0) until it stops answering; return the statuses seen."""
     statuses = []
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    credentials = grpc.ssl_channel_credentials(
+        (pki / "ca.pem").read_bytes(), (pki / "partition-0.key").read_bytes(), (pki / "partition-0.pem").read_bytes()
+    )
+    with grpc.secure_channel(address, credentials) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             try:

@@ -22,7 +22,7 @@ from phalanx.v1 import trainer_pb2, trainer_pb2_grpc
 from tests.harness import start_coordinator, start_echo_site, start_servicer_site, stop_sites
 
 PARAMS = 50_000
-HEADER = trainer_pb2.TrainHeader(run_id="run-1", round=1, local_steps=1)
+HEADER = trainer_pb2.TrainHeader(run_id="run-1", round=1, local_steps=1, batch_size=1, learning_rate=1e-3)
 
 
 def request_stream(adapter: dict[str, np.ndarray]) -> list[trainer_pb2.TrainRequest]:
@@ -34,7 +34,7 @@ def request_stream(adapter: dict[str, np.ndarray]) -> list[trainer_pb2.TrainRequ
 
 
 async def test_trainer_sends_its_adapter_only_after_the_request_stream_ends() -> None:
-    site = await start_echo_site("127.0.0.1:1", 0, params=PARAMS)  # serves without a coordinator
+    site = await start_echo_site("127.0.0.1:1", 0, params=PARAMS, register=False)
     try:
         async with grpc.aio.insecure_channel(site.node.address) as channel:
             adapter = site.learner.layout_adapter
@@ -61,7 +61,7 @@ async def test_trainer_sends_its_adapter_only_after_the_request_stream_ends() ->
 
 
 async def test_trainer_refuses_a_request_stream_that_goes_on_after_the_adapter() -> None:
-    site = await start_echo_site("127.0.0.1:1", 0, params=PARAMS)
+    site = await start_echo_site("127.0.0.1:1", 0, params=PARAMS, register=False)
     try:
         async with grpc.aio.insecure_channel(site.node.address) as channel:
             requests = request_stream(site.learner.layout_adapter)

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from phalanx.rpc import MAX_MESSAGE_BYTES
@@ -24,20 +25,37 @@ async def test_health_and_reflection_answer_on_both_servers(tmp_path: Path, serv
         "trainer": (site.node.address, "phalanx.v1.TrainerService"),
     }[server]
 
-    def probe() -> tuple[list[str], set[int]]:
+    def probe() -> tuple[list[str], list[str], set[int]]:
         """A plain blocking client, as grpcurl or an orchestrator would be (in a thread: the servers share this loop)."""
         with grpc.insecure_channel(address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             statuses = {health.Check(health_pb2.HealthCheckRequest(service=name), timeout=2).status for name in ("", service)}
-            return list(ProtoReflectionDescriptorDatabase(channel).get_services()), statuses
+            return list(ProtoReflectionDescriptorDatabase(channel).get_services()), reflect_v1(channel), statuses
 
     try:
-        services, statuses = await asyncio.wait_for(asyncio.to_thread(probe), timeout=30)
+        services, services_v1, statuses = await asyncio.wait_for(asyncio.to_thread(probe), timeout=30)
     finally:
         await stop_sites([site])
         await coordinator.close()
-    assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= set(services)
+    expected = {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+    assert expected <= set(services) and expected <= set(services_v1)
     assert statuses == {health_pb2.HealthCheckResponse.SERVING}
+
+
+def reflect_v1(channel: grpc.Channel) -> list[str]:
+    """List the services through reflection v1, as grpcurl asks first; and describe v1 itself."""
+    call = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+    ]
+    listed, described = list(call(iter(requests), timeout=5))
+    assert described.WhichOneof("message_response") == "file_descriptor_response", described
+    return [s.name for s in listed.list_services_response.service]
 
 
 async def test_messages_over_the_shared_size_limit_are_refused(tmp_path: Path) -> None:

@@ -17,8 +17,11 @@ from phalanx.cli import (
     data_config,
     model_config,
     parse_with_config,
+    tls_credentials,
 )
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
+from phalanx.rpc import TlsCredentials, check_plaintext
+from trainer.service import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_LOCAL_STEPS, WorkLimits
 
 log = logging.getLogger("trainer")
 
@@ -34,11 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--give-up-after", type=float, default=300.0, help="exit if the coordinator is unreachable this long")
     parser.add_argument("--max-adapter-bytes", type=int, default=DEFAULT_MAX_ADAPTER_BYTES, help="largest adapter accepted")
+    parser.add_argument(
+        "--max-local-steps", type=int, default=DEFAULT_MAX_LOCAL_STEPS, help="most optimizer steps one request may ask for"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="largest batch one request may ask for"
+    )
     add_common_arguments(parser)
     return parser
 
 
-async def serve(args: argparse.Namespace) -> str:
+async def serve(args: argparse.Namespace, tls: TlsCredentials | None) -> str:
     from phalanx.sites import load_site
     from phalanx.telemetry import Telemetry
     from trainer.learner import Learner
@@ -59,6 +68,8 @@ async def serve(args: argparse.Namespace) -> str:
             name=args.name,
             give_up_after=args.give_up_after,
             max_adapter_bytes=args.max_adapter_bytes,
+            tls=tls,
+            limits=WorkLimits(max_local_steps=args.max_local_steps, max_batch_size=args.max_batch_size),
         ),
         learner,
         telemetry,
@@ -76,7 +87,16 @@ async def serve(args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_with_config(build_parser(), argv)
+    parser = build_parser()
+    args = parse_with_config(parser, argv)
+    if args.max_local_steps < 1 or args.max_batch_size < 1:
+        parser.error("--max-local-steps and --max-batch-size must be at least 1")
+    tls = tls_credentials(parser, args)
+    try:
+        check_plaintext(args.listen, tls, args.insecure, listening=True)
+        check_plaintext(args.coordinator, tls, args.insecure, listening=False)
+    except ValueError as exc:  # TlsError, or an address that is not host:port
+        parser.error(str(exc))
     configure_logging(args.log_level, f"trainer[{args.partition}]")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads > 0:
@@ -88,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer.node import CoordinatorUnreachable, RegistrationRefused
 
     try:
-        reason = asyncio.run(serve(args))
+        reason = asyncio.run(serve(args, tls))
     except (DataError, ModelError, ValueError, RegistrationRefused, CoordinatorUnreachable) as exc:
         log.error("%s", exc)
         return 2

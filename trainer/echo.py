@@ -18,9 +18,11 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
+from phalanx.rpc import TlsCredentials
 from trainer.jobs import EvalOutcome, Stopped, TrainOutcome
 
 log = logging.getLogger("trainer.echo")
@@ -89,8 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", default="negative,neutral,positive", help="label names, comma-separated")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds each job waits before it answers")
     parser.add_argument("--give-up-after", type=float, default=60.0, help="exit if the coordinator is unreachable this long")
+    parser.add_argument(
+        "--certs", type=Path, help="mutual TLS: a `python -m phalanx.pki` folder with ca.pem and echo-K.pem/.key per trainer"
+    )
     parser.add_argument("--log-level", default="WARNING", help="logging level")
     return parser
+
+
+def echo_name(partition: int) -> str:
+    return f"echo-{partition}"
+
+
+def echo_credentials(certs: Path | None, partition: int) -> TlsCredentials | None:
+    """The TLS files of echo trainer `partition` in a provisioned folder, or None for plaintext."""
+    if certs is None:
+        return None
+    name = echo_name(partition)
+    return TlsCredentials.load(certs / "ca.pem", certs / f"{name}.pem", certs / f"{name}.key")
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -107,8 +124,9 @@ async def serve(args: argparse.Namespace) -> None:
                 coordinator=args.coordinator,
                 listen=f"{host}:{int(port) + i if int(port) else 0}",
                 advertise=args.advertise,
-                name=f"echo-{args.first_partition + i}",
+                name=echo_name(args.first_partition + i),
                 give_up_after=args.give_up_after,
+                tls=echo_credentials(args.certs, args.first_partition + i),
             ),
             EchoLearner(layout, delay=args.delay),
             telemetry,

@@ -11,17 +11,21 @@ from dataclasses import dataclass
 import grpc
 
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, layout_of, manifest_of
-from phalanx.rpc import Server, create_channel
+from phalanx.identity import printable
+from phalanx.pki import ROLE_SITE
+from phalanx.rpc import Server, TlsCredentials, create_channel
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from trainer.jobs import LocalWork
-from trainer.service import TrainerServicer
+from trainer.service import TrainerServicer, WorkLimits
 
 log = logging.getLogger(__name__)
 
 RPC_TIMEOUT_SECONDS = 10.0
 BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 10.0
+# Answers to Register that trying again cannot change: another identity, labels or layout, a bad name.
+REFUSALS = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 @dataclass(frozen=True)
@@ -32,18 +36,32 @@ class NodeConfig:
     advertise: str = ""
     """Address the coordinator should call; defaults to the listen host with the bound port."""
     name: str = ""
-    """Stable site name; defaults to partition-<k>."""
+    """Stable site name; defaults to the name in the certificate, or partition-<k> without TLS."""
     give_up_after: float = 300.0
     """Exit if the coordinator cannot be reached for this many seconds."""
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
+    tls: TlsCredentials | None = None
+    """Mutual TLS to and from the coordinator; None is plaintext."""
+    limits: WorkLimits = WorkLimits()
 
     @property
     def site_name(self) -> str:
+        if self.tls is not None:
+            return self.tls.identity.name
         return self.name or f"partition-{self.partition}"
+
+    def __post_init__(self) -> None:
+        if self.tls is None:
+            return
+        identity = self.tls.identity
+        if identity.role != ROLE_SITE:
+            raise ValueError(f"--cert is a {identity.role or 'role-less'} certificate, not a site's")
+        if self.name and self.name != identity.name:
+            raise ValueError(f"--name {printable(self.name)} differs from the certificate's site name {identity.name!r}")
 
 
 class RegistrationRefused(RuntimeError):
-    """The coordinator will not accept this trainer (labels or adapter layout differ)."""
+    """The coordinator will not accept this trainer (identity, address, labels or adapter layout)."""
 
 
 class CoordinatorUnreachable(RuntimeError):
@@ -66,16 +84,18 @@ class TrainerNode:
         self._label_names = label_names
         self._ended = asyncio.Event()
         self._end_reason = ""
-        self._server = Server(telemetry, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name])
+        self._server = Server(telemetry, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name], config.tls)
         servicer = TrainerServicer(
             learner,
             telemetry,
             partition=config.partition,
             on_end_run=self.end_run,
             max_adapter_bytes=config.max_adapter_bytes,
+            secure=config.tls is not None,
+            limits=config.limits,
         )
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, self._server.grpc_server)
-        self._servicer = servicer
+        self.servicer = servicer
         self._channel: grpc.aio.Channel | None = None
         self.address = ""
 
@@ -87,7 +107,7 @@ class TrainerNode:
         port = await self._server.start(self.config.listen)
         host = self.config.listen.rsplit(":", 1)[0]
         self.address = self.config.advertise or f"{host}:{port}"
-        self._channel = create_channel(self.config.coordinator, self._telemetry)
+        self._channel = create_channel(self.config.coordinator, self._telemetry, self.config.tls)
         log.info("%s serving on %s", self.config.site_name, self.address)
         return self.address
 
@@ -105,6 +125,11 @@ class TrainerNode:
             for task in (heartbeat, ended):
                 task.cancel()
             await asyncio.gather(heartbeat, ended, return_exceptions=True)
+        return self._end_reason
+
+    async def ended(self) -> str:
+        """Wait until the run ends (EndRun, a finished heartbeat or a signal); return the reason."""
+        await self._ended.wait()
         return self._end_reason
 
     async def close(self) -> None:
@@ -133,8 +158,9 @@ class TrainerNode:
                 if not trainer_id:
                     reply = await stub.Register(self._register_request(), timeout=RPC_TIMEOUT_SECONDS)
                     trainer_id, interval = reply.trainer_id, reply.heartbeat_interval_seconds or 1.0
-                    log.info("registered as %s (run %s)", trainer_id, reply.run_id)
-                elif time.monotonic() - self._servicer.last_call < interval:
+                    self.servicer.join(reply.run_id, reply.last_round)
+                    log.info("registered as %s (run %s)", trainer_id, printable(reply.run_id))
+                elif time.monotonic() - self.servicer.last_call < interval:
                     pass  # the coordinator's own calls show it this trainer is alive: no heartbeat needed
                 else:
                     beat = await stub.Heartbeat(
@@ -147,8 +173,8 @@ class TrainerNode:
                 delays = backoff_delays()
                 await asyncio.sleep(interval)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    raise RegistrationRefused(exc.details()) from exc
+                if exc.code() in REFUSALS:
+                    raise RegistrationRefused(f"{exc.code().name}: {printable(exc.details(), 500)}") from exc
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     log.info("coordinator does not know this trainer; registering again")
                     trainer_id = ""
@@ -158,5 +184,7 @@ class TrainerNode:
                         f"no answer from {self.config.coordinator} for {self.config.give_up_after:.0f} s"
                     ) from exc
                 delay = next(delays)
-                log.warning("coordinator unreachable (%s); retrying in %.1f s", exc.code().name, delay)
+                log.warning(
+                    "coordinator unreachable (%s: %s); retrying in %.1f s", exc.code().name, printable(exc.details(), 200), delay
+                )
                 await asyncio.sleep(delay)

@@ -1,4 +1,9 @@
-"""The TrainerService servicer: decode, check the round, run the local work in a worker thread, encode."""
+"""The TrainerService servicer: check the caller, decode, check the request, run the local work in a worker thread, encode.
+
+Over TLS only the coordinator (a certificate with its role) is served. Every request must be for
+the run this trainer joined at registration, for a round no later than that run's last and not
+earlier than one already served, and ask for no more local work than `WorkLimits` allows.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,15 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterError, encode, layout_of
+from phalanx.identity import escaped, printable
+from phalanx.pki import ROLE_COORDINATOR
+from phalanx.rpc import require_peer
 from phalanx.streams import discard_rest, expect_end, read_adapter, status_for
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import adapter_pb2, trainer_pb2, trainer_pb2_grpc
@@ -21,6 +30,18 @@ from trainer.jobs import EvalOutcome, LocalWork, Stopped, TrainOutcome
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Outcome = TypeVar("Outcome", TrainOutcome, EvalOutcome)
+
+
+DEFAULT_MAX_LOCAL_STEPS = 1_000
+DEFAULT_MAX_BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class WorkLimits:
+    """The most local work one request may ask of this site."""
+
+    max_local_steps: int = DEFAULT_MAX_LOCAL_STEPS
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -32,16 +53,23 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         partition: int,
         on_end_run: Callable[[str], None],
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
+        secure: bool = False,
+        limits: WorkLimits = WorkLimits(),
     ) -> None:
+        """`secure`: serve only callers whose verified certificate has the coordinator's role."""
         self._learner = learner
         self._partition = partition
         self._on_end_run = on_end_run
         self._max_bytes = max_adapter_bytes
+        self._secure = secure
+        self._limits = limits
         self._expected = layout_of(learner.layout_adapter)
         # Held by the worker thread, not the event loop: a job whose call was cancelled keeps it
         # until its thread notices the stop flag, so two jobs never share the model.
         self._model_lock = threading.Lock()
-        self._latest: tuple[str, int] = ("", 0)  # run id and highest round asked for
+        self._run_id = ""  # the run joined at registration
+        self._last_round = 0
+        self._latest = 0  # highest round of that run asked for
         self.last_call = -math.inf
         """time.monotonic() when a Train or Evaluate call last started or ended."""
         self._tracer = telemetry.tracer()
@@ -104,9 +132,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def EndRun(
         self, request: trainer_pb2.EndRunRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.EndRunResponse:
-        log.info("coordinator ended the run: %s", request.reason or "finished")
-        self._on_end_run(request.reason)
+        await self._check_caller(context)
+        await self._check_run(request.run_id, context)
+        reason = escaped(request.reason or "finished", 200)
+        log.info("coordinator ended the run: %s", reason)
+        self._on_end_run(reason)
         return trainer_pb2.EndRunResponse()
+
+    def join(self, run_id: str, last_round: int) -> None:
+        """Serve calls for `run_id` (rounds up to `last_round`) from now on; a new run starts its rounds afresh."""
+        if run_id != self._run_id:
+            self._latest = 0
+        self._run_id, self._last_round = run_id, last_round
 
     async def _serve(
         self,
@@ -116,12 +153,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         work: Callable[[Any, Adapter, threading.Event], Outcome],
     ) -> tuple[Any, Outcome]:
         """Receive a header and adapter, check the round, run `work` in a worker thread; record it all."""
+        await self._check_caller(context, requests)
         self.last_call = time.monotonic()
         try:
             with self._tracer.start_as_current_span(f"fl.client.{phase}", attributes={"fl.partition": self._partition}) as span:
                 header, adapter = await self._receive(requests, context)
                 span.set_attribute("fl.round", header.round)
-                await self._check_round(header, context)
+                await self._check_request(header, context)
                 outcome = await self._in_worker(context, lambda stop: work(header, adapter, stop))
                 examples = outcome.examples_seen if isinstance(outcome, TrainOutcome) else outcome.num_examples
                 span.set_attributes({"fl.examples": examples, "fl.loss": outcome.loss})
@@ -162,15 +200,46 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         except AdapterError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"rejected request: {exc}")
 
-    async def _check_round(self, header: Any, context: grpc.aio.ServicerContext) -> None:
-        """Refuse a request for an earlier round of the run this trainer is serving (a replay)."""
-        run_id, latest = self._latest
-        if header.run_id == run_id and header.round < latest:
+    async def _check_caller(self, context: grpc.aio.ServicerContext, requests: AsyncIterator | None = None) -> None:
+        """Over TLS, abort unless the caller's certificate is the coordinator's; before any request is used."""
+        if self._secure:
+            await require_peer(context, ROLE_COORDINATOR, requests)
+
+    async def _check_run(self, run_id: str, context: grpc.aio.ServicerContext) -> None:
+        if not self._run_id:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this trainer has not joined a run yet")
+        if run_id != self._run_id:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"round {header.round} of run {run_id} is closed: this trainer has already served round {latest}",
+                f"the request is for run {printable(run_id)}; this trainer is in run {self._run_id}",
             )
-        self._latest = (header.run_id, header.round)
+
+    async def _check_request(self, header: Any, context: grpc.aio.ServicerContext) -> None:
+        """Refuse another run, a round past the run's last or before one already served (a replay), and too much work."""
+        await self._check_run(header.run_id, context)
+        if header.round > self._last_round:
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"round {header.round} is past the last round ({self._last_round}) of run {self._run_id}",
+            )
+        if header.round < self._latest:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {header.round} of run {self._run_id} is closed: this trainer has already served round {self._latest}",
+            )
+        limits = self._limits
+        problems = []
+        training = isinstance(header, trainer_pb2.TrainHeader)
+        if header.batch_size > limits.max_batch_size or (training and header.batch_size < 1):
+            problems.append(f"batch size {header.batch_size} is outside 1-{limits.max_batch_size} (--max-batch-size)")
+        if training:
+            if not 1 <= header.local_steps <= limits.max_local_steps:
+                problems.append(f"{header.local_steps} local steps is outside 1-{limits.max_local_steps} (--max-local-steps)")
+            if not (math.isfinite(header.learning_rate) and header.learning_rate > 0):
+                problems.append(f"learning rate {header.learning_rate} is not a positive number")
+        if problems:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused local work: " + "; ".join(problems))
+        self._latest = header.round
 
     async def _in_worker(self, context: grpc.aio.ServicerContext, job: Callable[[threading.Event], T]) -> T:
         """Run `job` in a worker thread, one at a time; a cancelled call sets its stop flag."""

@@ -38,14 +38,16 @@ class RegisterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., partition: _Optional[int] = ..., num_train_examples: _Optional[int] = ..., num_test_examples: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., adapter_layout: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("trainer_id", "run_id", "heartbeat_interval_seconds")
+    __slots__ = ("trainer_id", "run_id", "heartbeat_interval_seconds", "last_round")
     TRAINER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     trainer_id: str
     run_id: str
     heartbeat_interval_seconds: float
-    def __init__(self, trainer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ...) -> None: ...
+    last_round: int
+    def __init__(self, trainer_id: _Optional[str] = ..., run_id: _Optional[str] = ..., heartbeat_interval_seconds: _Optional[float] = ..., last_round: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("trainer_id",)

@@ -53,6 +53,9 @@ class CoordinatorServiceServicer:
 
     def Register(self, request, context):
         """Adds a trainer to the federation, or refreshes the entry of a trainer with the same name.
+        Over TLS the site's name is the one in its client certificate: a request naming another
+        site is PERMISSION_DENIED, and the address must be a host the certificate names. A full
+        registry, or a site that registers too often, is RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -27,6 +27,10 @@ if _version_not_supported:
 
 class TrainerServiceStub:
     """Served by every trainer (site). The coordinator calls it once per sampled trainer and round.
+    Over TLS only a caller whose certificate has the coordinator's role is served (otherwise
+    UNAUTHENTICATED or PERMISSION_DENIED). Every call must name the run the trainer joined
+    (FAILED_PRECONDITION otherwise) and a round no later than that run's last (OUT_OF_RANGE); a
+    request for more local work than the trainer allows is INVALID_ARGUMENT.
     """
 
     def __init__(self, channel):
@@ -54,6 +58,10 @@ class TrainerServiceStub:
 
 class TrainerServiceServicer:
     """Served by every trainer (site). The coordinator calls it once per sampled trainer and round.
+    Over TLS only a caller whose certificate has the coordinator's role is served (otherwise
+    UNAUTHENTICATED or PERMISSION_DENIED). Every call must name the run the trainer joined
+    (FAILED_PRECONDITION otherwise) and a round no later than that run's last (OUT_OF_RANGE); a
+    request for more local work than the trainer allows is INVALID_ARGUMENT.
     """
 
     def Train(self, request_iterator, context):
@@ -76,7 +84,7 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EndRun(self, request, context):
-        """Tells the trainer that the run is over, so it can exit.
+        """Tells the trainer that the run it joined is over, so it can exit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,6 +118,10 @@ def add_TrainerServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class TrainerService:
     """Served by every trainer (site). The coordinator calls it once per sampled trainer and round.
+    Over TLS only a caller whose certificate has the coordinator's role is served (otherwise
+    UNAUTHENTICATED or PERMISSION_DENIED). Every call must name the run the trainer joined
+    (FAILED_PRECONDITION otherwise) and a round no later than that run's last (OUT_OF_RANGE); a
+    request for more local work than the trainer allows is INVALID_ARGUMENT.
     """
 
     @staticmethod
