@@ -24,9 +24,9 @@ Per case, over the rounds after the warm-up:
   the coordinator's and grpc.aio's Python code) and of the trainers' process;
 - floor: the median round of `bench.grpc_floor`, measured right after the case with the same N
   and P: the same calls with the same number and size of messages in bare grpc.aio, with nothing
-  of Phalanx in them, in plaintext: the reference for the plaintext and the mTLS case alike.
-  `x floor` is the case's median over it. A goal below the floor is marked: no code that makes
-  these calls over grpc.aio can meet it on this machine;
+  of Phalanx in them, over mutual TLS for an mTLS case (the same CA set-up and handshakes), so
+  `x floor` (the case's median over it) compares like with like. A goal below the floor is
+  marked: no code that makes these calls over grpc.aio can meet it on this machine;
 - bytes: protobuf bytes per trainer (the rows' `bytes_sent` and `bytes_received`) over the
   adapter's raw float32 bytes, per round and per adapter transfer: each round sends the adapter
   twice (Train and Evaluate requests) and receives it once (the Train reply). `overhead` is the
@@ -391,8 +391,8 @@ async def bench(args: argparse.Namespace) -> None:
     print(
         f"# round, period, phases: median ms over the rounds after {args.warmup} warm-up; "
         "CPU: ms per round of each process (loop: the coordinator's event-loop thread); "
-        "floor: the same calls in bare grpc.aio (bench.grpc_floor), in plaintext, measured after each "
-        "case; x plain: an mTLS case's median over the plaintext case's just before it"
+        "floor: the same calls in bare grpc.aio (bench.grpc_floor; over mTLS for an mTLS case), measured "
+        "after each case; x plain: an mTLS case's median over the plaintext case's just before it"
     )
     print(TIME_HEADER, flush=True)
     results: list[tuple[Case, Figures | None]] = []
@@ -412,7 +412,7 @@ async def bench(args: argparse.Namespace) -> None:
         results.append((case, measured))
         if not case.tls:
             plain_ms[case] = measured.round_ms
-        floor = await grpc_floor.measure(case.trainers, case.params, measured.rounds)
+        floor = await grpc_floor.measure(case.trainers, case.params, measured.rounds, tls=case.tls)
         plain = plain_ms.get(replace(case, tls=False)) if case.tls else None
         print(time_line(measured, 1e3 * statistics.median(floor), plain), flush=True)
     print(

@@ -21,11 +21,15 @@ from coordinator.outputs import RunOutputs
 from coordinator.registry import Registry, TrainerEntry
 from coordinator.trainer_client import Broadcast, EvaluateReply, TrainReply
 from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, check_finite, encode, layout_of
+from phalanx.identity import escaped
 from phalanx.streams import status_for
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import coordinator_pb2, trainer_pb2
 
 log = logging.getLogger(__name__)
+
+MAX_REASON_CHARS = 500
+"""A failure's reason as recorded and logged: a trainer's status details are escaped and cut to this."""
 
 
 class RoundFailed(RuntimeError):
@@ -238,9 +242,9 @@ class Federation:
             accept(reply, p)
             p.status, p.code = "accepted", grpc.StatusCode.OK.name
         except grpc.aio.AioRpcError as exc:
-            p.code, p.reason = exc.code().name, exc.details() or ""
+            p.code, p.reason = exc.code().name, escaped(exc.details() or "", MAX_REASON_CHARS)
         except AdapterError as exc:
-            p.status, p.code, p.reason = "rejected", status_for(exc).name, str(exc)
+            p.status, p.code, p.reason = "rejected", status_for(exc).name, escaped(exc, MAX_REASON_CHARS)
         return p
 
     async def _train(self, round_: int, stats: RoundStats, span: Span) -> Adapter:

@@ -20,7 +20,7 @@ from coordinator.registry import RegistryLimits
 from phalanx.codec import encode, layout_of, manifest_of
 from phalanx.pki import site_san
 from phalanx.rpc import TlsCredentials
-from phalanx.streams import read_adapter
+from phalanx.streams import discard_rest, read_adapter
 from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from tests.certs import Pki
 from tests.harness import (
@@ -367,6 +367,27 @@ async def test_bad_names_and_addresses_are_refused_without_echoing_them(tmp_path
     finally:
         await coordinator.close()
     assert coordinator.app.registry.all() == []
+
+
+class Forging(RogueTrainer):
+    """Fails every Train with status details made to forge log lines, and very long."""
+
+    def __init__(self) -> None:
+        super().__init__(reply)
+
+    async def Train(self, request_iterator, context) -> AsyncIterator[trainer_pb2.TrainResponse]:
+        await discard_rest(request_iterator)
+        await context.abort(grpc.StatusCode.INTERNAL, "oops\n00:00:00 coordinator INFO round 9 accepted\x1b[2K" + "x" * 5000)
+        yield trainer_pb2.TrainResponse()  # never reached: makes this an async generator, as grpc wants
+
+
+async def test_a_trainers_status_details_are_escaped_and_cut_in_logs_and_metrics(tmp_path: Path, caplog) -> None:
+    coordinator = await start_coordinator(tmp_path, params=PARAMS, start_with=3)
+    rows = await run_with_rogue(coordinator, Forging(), params=PARAMS)
+    [failure] = rows[-1]["failures"]
+    assert failure["trainer"] == "rogue" and failure["reason"].startswith("oops\\n00:00:00")
+    assert len(failure["reason"]) < 600 and "\x1b" not in failure["reason"]
+    assert not any("\n00:00:00" in record.getMessage() for record in caplog.records)
 
 
 # The allowlist --------------------------------------------------------------------------------
