@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--deterministic", action="store_true", help="fold replies in a fixed order: bit-identical reruns, more memory"
     )
     rounds.add_argument("--wire-dtype", choices=sorted(WIRE_DTYPES), default="float32", help="adapter dtype on the wire")
+    privacy = parser.add_argument_group(
+        "differential privacy", "site-level DP-FedAvg: updates clipped to --clip-norm, uniform weights, Gaussian noise"
+    )
+    privacy.add_argument(
+        "--dp-noise-multiplier", type=float, default=0.0, help="noise std over --clip-norm on the sum of updates (0: off)"
+    )
+    privacy.add_argument("--dp-delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee reported")
+    privacy.add_argument(
+        "--dp-target-epsilon", type=float, default=0.0,
+        help="budget: stop before a round that would pass it; without --dp-noise-multiplier, calibrate the noise to it",
+    )  # fmt: skip
     add_common_arguments(parser)
     return parser
 
@@ -105,7 +116,15 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tls: Tls
             args.spawn_trainers == 0 or not any([args.ca, args.cert, args.key]),
             "--spawn-trainers provisions its own throwaway CA under --out; drop --ca/--cert/--key",
         ),
+        (args.dp_noise_multiplier >= 0 and args.dp_target_epsilon >= 0, "DP settings cannot be negative"),
+        (0 < args.dp_delta < 1, "--dp-delta must be in (0, 1)"),
     ]
+    if args.dp_noise_multiplier > 0 or args.dp_target_epsilon > 0:
+        checks += [
+            (args.clip_norm > 0, "differential privacy needs --clip-norm C, the bound on each site's update"),
+            (args.aggregator == "fedavg", "differential privacy works with --aggregator fedavg only"),
+            (not args.deterministic, "--deterministic cannot reproduce DP noise, which is drawn fresh every round"),
+        ]
     for ok, message in checks:
         if not ok:
             parser.error(message)
@@ -134,6 +153,9 @@ def round_config(args: argparse.Namespace) -> RoundConfig:
         round_retries=args.round_retries,
         wire_dtype=args.wire_dtype,
         seed=args.seed,
+        dp_noise_multiplier=args.dp_noise_multiplier,
+        dp_delta=args.dp_delta,
+        dp_target_epsilon=args.dp_target_epsilon,
     )
 
 
@@ -184,10 +206,11 @@ async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> in
     outputs = RunOutputs(args.out)
     model = await asyncio.to_thread(build_model, config.model)
     adapter = adapter_state(model)
-    run_id, start_round = uuid.uuid4().hex, 1
+    run_id, start_round, resumed = uuid.uuid4().hex, 1, None
     checkpoint = outputs.load_latest_checkpoint()
     if checkpoint is not None:
         run_id, start_round, adapter = checkpoint.metadata.get("run_id", run_id), checkpoint.round + 1, checkpoint.adapter
+        resumed = checkpoint.metadata
         outputs.truncate_metrics(checkpoint.round)
         report.say(f"Resuming after round {checkpoint.round} from the checkpoint in {args.out} (--fresh starts over).")
     else:
@@ -198,8 +221,9 @@ async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> in
 
     telemetry = Telemetry.create("phalanx-coordinator")
     app = CoordinatorApp(
-        config, telemetry, outputs, adapter, run_id=run_id, start_round=start_round, on_round=report.round_done
-    )
+        config, telemetry, outputs, adapter, run_id=run_id, start_round=start_round, on_round=report.round_done,
+        resumed=resumed,
+    )  # fmt: skip
     spawned: TrainerProcesses | None = None
     stopped_by: list[str] = []
     exit_code = 1
@@ -238,7 +262,7 @@ async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> in
         if stopped_by:
             raise asyncio.CancelledError
         await asyncio.to_thread(save_adapter, model, app.federation.adapter, outputs.adapter_dir)
-        report.summary(outputs.read_metrics(), str(args.out), time.perf_counter() - started)
+        report.summary(outputs.read_metrics(), str(args.out), time.perf_counter() - started, app.federation.stop_reason)
         exit_code = 0
     except asyncio.CancelledError:
         if not stopped_by:

@@ -11,6 +11,9 @@ reply whose key set or shapes differ raises AdapterError and is never partially 
 
 The robust strategies must hold every reply until the round ends. `clip_update` bounds each
 update's L2 distance from the global adapter and works with any strategy.
+
+`DpFedAvg` is the differentially private mean (see `phalanx.privacy`): replies already clipped,
+weighted uniformly, summed, noised once, and divided by the number of sites sampled.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from phalanx.codec import Adapter, AdapterError, TensorLayout, check_layout, layout_of
+from phalanx.privacy import gaussian_noise
 
 AGGREGATORS = ("fedavg", "median", "trimmed-mean")
 DEFAULT_TRIM = 0.2
@@ -82,6 +86,37 @@ class FedAvg(Aggregator):
     def _result(self) -> Adapter:
         scale = np.float32(1.0 / self._weight)
         return {name: total * scale for name, total in self._sum.items()}
+
+
+class DpFedAvg(Aggregator):
+    """global + (sum of the updates + N(0, noise_std²) per coordinate) / `sampled`.
+
+    Weights are ignored: every reply counts once, so a site's influence is bounded by the clip
+    norm its update was clipped to. `sampled` is fixed before replies arrive; a site that does
+    not answer counts as a zero update.
+    """
+
+    def __init__(self, reference: Mapping[str, np.ndarray], *, sampled: int, noise_std: float) -> None:
+        super().__init__(reference)
+        self._reference = reference
+        self._sum = {name: np.zeros(np.shape(array), dtype=np.float64) for name, array in reference.items()}
+        self._sampled = sampled
+        self._noise_std = noise_std
+
+    def _add(self, adapter: Mapping[str, np.ndarray], weight: float) -> None:
+        for name, total in self._sum.items():
+            total += adapter[name]
+            total -= self._reference[name]
+
+    def _result(self) -> Adapter:
+        noise = gaussian_noise(sum(total.size for total in self._sum.values()), self._noise_std)
+        out: Adapter = {}
+        offset = 0
+        for name, total in self._sum.items():
+            draw = noise[offset : offset + total.size].reshape(total.shape)
+            offset += total.size
+            out[name] = (self._reference[name] + (total + draw) / self._sampled).astype(np.float32)
+        return out
 
 
 class _Stacking(Aggregator):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from coordinator.allowlist import Allowlist
@@ -32,6 +32,7 @@ class CoordinatorApp:
         run_id: str,
         start_round: int = 1,
         on_round: Callable[[dict[str, Any]], None] = lambda row: None,
+        resumed: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         self.registry = Registry(
@@ -42,8 +43,9 @@ class CoordinatorApp:
             allowlist=Allowlist(config.allow_sites) if config.allow_sites is not None else None,
         )
         self.federation = Federation(
-            config, self.registry, telemetry, outputs, initial, run_id=run_id, start_round=start_round, on_round=on_round
-        )
+            config, self.registry, telemetry, outputs, initial, run_id=run_id, start_round=start_round, on_round=on_round,
+            resumed=resumed,
+        )  # fmt: skip
         self.server = Server(telemetry, [SERVICE_NAME], config.tls)
         coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
             CoordinatorServicer(

@@ -41,6 +41,17 @@ class RoundConfig:
     wire_dtype: str = "float32"
     """Element type of adapters on the wire: float32, or float16 / bfloat16 for half the bytes."""
     seed: int = 0
+    dp_noise_multiplier: float = 0.0
+    """Site-level DP: Gaussian noise of dp_noise_multiplier * clip_norm on the sum of the clipped updates; 0 is off."""
+    dp_delta: float = 1e-5
+    dp_target_epsilon: float = 0.0
+    """Privacy budget at dp_delta: the noise is calibrated to it when dp_noise_multiplier is 0, else the run
+    stops before a round that would pass it; 0 sets no budget."""
+
+    @property
+    def private(self) -> bool:
+        """Whether rounds are differentially private (see phalanx.privacy)."""
+        return self.dp_noise_multiplier > 0 or self.dp_target_epsilon > 0
 
 
 @dataclass(frozen=True)

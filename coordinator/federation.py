@@ -7,7 +7,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,13 +15,14 @@ import grpc
 import numpy as np
 from opentelemetry.trace import Span, StatusCode
 
-from coordinator.aggregation import clip_update, create_aggregator
+from coordinator.aggregation import DpFedAvg, clip_update, create_aggregator
 from coordinator.config import CoordinatorConfig
 from coordinator.outputs import RunOutputs
 from coordinator.registry import Registry, TrainerEntry
 from coordinator.trainer_client import Broadcast, EvaluateReply, TrainReply
 from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, check_finite, encode, layout_of
 from phalanx.identity import escaped
+from phalanx.privacy import PrivacyLedger
 from phalanx.streams import status_for
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import coordinator_pb2, trainer_pb2
@@ -63,6 +64,10 @@ class RoundStats:
     seconds: float = 0.0
     train_seconds: float = 0.0
     evaluate_seconds: float = 0.0
+    population: tuple[int, int] = (0, 0)
+    """Live sites and sites sampled for training."""
+    dp_epsilon: float | None = None
+    """ε spent by the run after this round, when rounds are differentially private."""
 
     def loss_and_accuracy(self) -> tuple[float, float]:
         ok = [p for p in self.evaluate if p.status == "accepted"]
@@ -100,6 +105,7 @@ class RoundStats:
             "bytes_sent": sum(p.bytes_sent for p in everyone),
             "bytes_received": sum(p.bytes_received for p in everyone),
             "adapter_bytes": adapter_bytes,
+            **({"dp_epsilon": round(self.dp_epsilon, 6)} if self.dp_epsilon is not None else {}),
         }
 
 
@@ -116,9 +122,14 @@ def trainer_seed(seed: int, round_: int, partition: int) -> int:
     return int(np.random.SeedSequence([seed, round_, partition]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def sample_size(count: int, fraction: float, minimum: int) -> int:
+    """How many of `count` trainers a round samples: `fraction` of them, at least `minimum`, at most all."""
+    return min(count, max(minimum, math.ceil(fraction * count)))
+
+
 def sample(trainers: list[TrainerEntry], fraction: float, minimum: int, seed: int, round_: int) -> list[TrainerEntry]:
     """A deterministic sample of at least `minimum` (and `fraction` of) the given trainers."""
-    k = min(len(trainers), max(minimum, math.ceil(fraction * len(trainers))))
+    k = sample_size(len(trainers), fraction, minimum)
     return sorted(random.Random(f"{seed}:{round_}").sample(trainers, k), key=lambda e: e.name)
 
 
@@ -134,7 +145,9 @@ class Federation:
         run_id: str,
         start_round: int = 1,
         on_round: Callable[[dict[str, Any]], None] = lambda row: None,
+        resumed: Mapping[str, str] | None = None,
     ) -> None:
+        """`resumed`: the metadata of the checkpoint a resumed run starts from (its privacy ledger)."""
         self.config = config
         self.registry = registry
         self.outputs = outputs
@@ -144,6 +157,12 @@ class Federation:
         self.completed_rounds = start_round - 1
         self.state = coordinator_pb2.RUN_STATE_WAITING
         self._stop_requested = False
+        rounds = config.rounds
+        self.privacy = PrivacyLedger(rounds.dp_noise_multiplier, rounds.dp_delta, []) if rounds.private else None
+        if self.privacy is not None and resumed is not None:
+            self.privacy.resume(resumed)
+        self.stop_reason = ""
+        """Why the run ended before its last round (a privacy budget), or empty."""
         # Adapters streamed at once, each direction counted: bounds memory however many trainers answer.
         self._slots = asyncio.Semaphore(config.max_transfers)
         self._on_round = on_round
@@ -157,6 +176,7 @@ class Federation:
         self._clients = meter.create_counter(
             "fl.round.clients", unit="{trainer}", description="trainer answers per round, by phase, status and code"
         )
+        self._epsilon_gauge = meter.create_gauge("fl.round.dp_epsilon", description="privacy spent by the run so far")
 
     def stop_after_round(self) -> None:
         """Finish the round in flight (and its checkpoint), then return from run()."""
@@ -171,12 +191,16 @@ class Federation:
         rounds = self.config.rounds
         await self.registry.wait_for(max(rounds.min_trainers, self.config.start_with), self.config.register_timeout)
         self.state = coordinator_pb2.RUN_STATE_RUNNING
+        if self.privacy is not None and self.privacy.noise_multiplier == 0:
+            await self._calibrate_noise()
         rows: list[dict[str, Any]] = []
         if self.start_round == 1:
             rows.append(await self._round(0))
         for round_ in range(self.start_round, rounds.rounds + 1):
             if self._stop_requested:
                 return rows
+            if await self._over_budget(round_):
+                break
             for attempt in range(rounds.round_retries + 1):
                 try:
                     rows.append(await self._round(round_, attempt))
@@ -185,10 +209,49 @@ class Federation:
                     if attempt == rounds.round_retries or self._stop_requested:
                         raise
                     log.warning("%s; trying the round again (%d of %d)", exc, attempt + 1, rounds.round_retries)
-            await asyncio.to_thread(self.outputs.save_checkpoint, round_, self.adapter, {"run_id": self.run_id})
+            await asyncio.to_thread(self.outputs.save_checkpoint, round_, self.adapter, self._checkpoint_metadata())
             self.completed_rounds = round_
         self.state = coordinator_pb2.RUN_STATE_FINISHED
         return rows
+
+    def _checkpoint_metadata(self) -> dict[str, str]:
+        metadata = {"run_id": self.run_id}
+        if self.privacy is not None:
+            metadata.update(self.privacy.to_metadata())
+        return metadata
+
+    def _population(self) -> tuple[int, int]:
+        """Live sites and how many of them a training round samples now."""
+        live = len(self.registry.live())
+        return live, sample_size(live, self.config.rounds.fraction_train, self.config.rounds.min_trainers)
+
+    async def _calibrate_noise(self) -> None:
+        """Choose the noise multiplier that spends the budget over the rounds left, at today's population."""
+        assert self.privacy is not None
+        rounds = self.config.rounds
+        left = [self._population()] * (rounds.rounds - self.start_round + 1)
+        try:
+            await asyncio.to_thread(self.privacy.calibrate, rounds.dp_target_epsilon, left)
+        except ValueError as exc:
+            raise RoundFailed(str(exc)) from None
+        log.info(
+            "noise multiplier %.4f spends ε = %g at δ = %g over %d rounds of %d of %d sites",
+            self.privacy.noise_multiplier, rounds.dp_target_epsilon, rounds.dp_delta, len(left), *reversed(left[0]),
+        )  # fmt: skip
+
+    async def _over_budget(self, round_: int) -> bool:
+        """Whether round `round_` would spend more than the privacy budget; if so, say why the run stops."""
+        target = self.config.rounds.dp_target_epsilon
+        if self.privacy is None or target <= 0:
+            return False
+        then = await asyncio.to_thread(self.privacy.epsilon, self._population())
+        if then <= target:
+            return False
+        self.stop_reason = (
+            f"privacy budget: round {round_} would bring ε to {then:.4g}, over --dp-target-epsilon {target:g}"
+        )
+        log.info("stopping: %s", self.stop_reason)
+        return True
 
     async def _round(self, round_: int, attempt: int = 0) -> dict[str, Any]:
         """Round 0 only evaluates the initial adapter; later rounds train, aggregate and evaluate."""
@@ -201,6 +264,8 @@ class Federation:
             try:
                 if round_ > 0:
                     self.adapter = await self._train(round_, stats, span)
+                    if self.privacy is not None:
+                        self.privacy.record(*stats.population)
                 stats.train_seconds = time.perf_counter() - started
                 await self._evaluate(round_, stats)
             except RoundFailed as exc:
@@ -208,6 +273,10 @@ class Federation:
                 span.set_status(StatusCode.ERROR, str(exc))
             stats.seconds = time.perf_counter() - started
             stats.evaluate_seconds = stats.seconds - stats.train_seconds if failure is None else 0.0
+            if self.privacy is not None:
+                stats.dp_epsilon = await asyncio.to_thread(self.privacy.epsilon)
+                span.set_attribute("fl.dp.epsilon", stats.dp_epsilon)
+                self._epsilon_gauge.set(stats.dp_epsilon)
             loss, accuracy = stats.loss_and_accuracy()
             if math.isfinite(loss):
                 span.set_attributes({"fl.loss": loss, "fl.accuracy": accuracy})
@@ -249,17 +318,25 @@ class Federation:
 
     async def _train(self, round_: int, stats: RoundStats, span: Span) -> Adapter:
         rounds = self.config.rounds
-        sampled = sample(self.registry.live(), rounds.fraction_train, rounds.min_trainers, rounds.seed, round_)
+        live = self.registry.live()
+        sampled = sample(live, rounds.fraction_train, rounds.min_trainers, rounds.seed, round_)
+        stats.population = (len(live), len(sampled))
         span.set_attribute("fl.clients", len(sampled))
         if len(sampled) < rounds.min_trainers:
             raise RoundFailed(f"round {round_}: only {len(sampled)} live trainers, need {rounds.min_trainers}")
         encoded = encode(self.adapter, self._wire_dtype)
         broadcast = Broadcast.of(trainer_pb2.TrainRequest, encoded)
-        aggregator = create_aggregator(rounds.aggregator, self.adapter, trim=rounds.trim)
+        if self.privacy is not None:
+            noise_std = self.privacy.noise_multiplier * rounds.clip_norm
+            aggregator = DpFedAvg(self.adapter, sampled=len(sampled), noise_std=noise_std)
+        else:
+            aggregator = create_aggregator(rounds.aggregator, self.adapter, trim=rounds.trim)
         held: dict[str, tuple[Adapter, float]] = {}  # accepted replies, when folded in a fixed order
 
         def accept(entry: TrainerEntry, reply: TrainReply, p: Participation) -> None:
             adapter, weight = reply.adapter, self._weight(entry, reply.result.num_examples)
+            if self.privacy is not None:
+                weight = 1.0  # uniform: a site's influence is bounded by the clip norm alone
             if rounds.clip_norm > 0:
                 adapter, norm = clip_update(self.adapter, adapter, rounds.clip_norm)
                 if norm > rounds.clip_norm:
@@ -299,7 +376,7 @@ class Federation:
         if accepted < rounds.min_trainers:
             reasons = "; ".join(f"{p.trainer}: {p.code} {p.reason}" for p in stats.train if p.status != "accepted")
             raise RoundFailed(f"round {round_}: {accepted} accepted replies, need {rounds.min_trainers} ({reasons})")
-        result = aggregator.result()
+        result = await asyncio.to_thread(aggregator.result)  # the robust and private ones are heavy
         try:
             check_finite(result)
         except AdapterError as exc:

@@ -30,10 +30,11 @@ class Report:
         self.say(
             f"{label:>14}  loss {_num(row['loss'], '.4f')}  accuracy {_num(row['accuracy'], '.3f')}  "
             f"{trainers}  {row['seconds']:.1f} s  sent {_mb(row['bytes_sent'])}  received {_mb(row['bytes_received'])}"
+            + (f"  ε {row['dp_epsilon']:.3g}" if "dp_epsilon" in row else "")
             + ("  FAILED" if row["status"] != "ok" else "")
         )
 
-    def summary(self, rows: Sequence[dict[str, Any]], out: str, wall_seconds: float) -> None:
+    def summary(self, rows: Sequence[dict[str, Any]], out: str, wall_seconds: float, stop_reason: str = "") -> None:
         trained = [r for r in rows if r["round"] > 0]
         if not rows:
             return
@@ -42,6 +43,10 @@ class Report:
         trainer_rounds = sum(r["trainers_sampled"] for r in trained) or 1
         self.say("")
         self.say(f"Finished {len(trained)} rounds in {wall_seconds:.1f} s ({per_round:.1f} s per round).")
+        if stop_reason:
+            self.say(f"  stopped early: {stop_reason}")
+        if "dp_epsilon" in last:
+            self.say(f"  differential privacy: ε = {last['dp_epsilon']:.4g} spent by the run")
         self.say(
             f"  evaluation loss {_num(first['loss'], '.4f')} -> {_num(last['loss'], '.4f')}, "
             f"accuracy {_num(first['accuracy'], '.3f')} -> {_num(last['accuracy'], '.3f')}"

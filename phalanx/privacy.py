@@ -1,0 +1,149 @@
+"""Site-level differential privacy for federated rounds (DP-FedAvg, McMahan et al. 2018).
+
+The mechanism, once per round, at the coordinator:
+1. each accepted site's update (its reply minus the global adapter) is clipped to L2 norm C;
+2. the clipped updates are summed with weight 1 each: weights are uniform, so one site's
+   influence is bounded by C whatever its data size or the example count it claims;
+3. Gaussian noise of standard deviation z·C is added to every coordinate of the sum;
+4. the sum is divided by the number of sites sampled for the round, fixed before any reply
+   arrives (a site that fails counts as a zero update), and added to the global adapter.
+
+The unit of privacy is a site's whole data set, under replace-one adjacency: the federation's
+sites are known, and a neighbouring federation has one site's data replaced by anything. Two
+updates in the C-ball are at most 2C apart, so the sum's sensitivity is 2C and a round is a
+Gaussian mechanism with noise multiplier z/2 relative to it. The coordinator samples m of the n
+live sites without replacement, so each round is
+`SampledWithoutReplacementDpEvent(n, m, GaussianDpEvent(z / 2))` (a plain `GaussianDpEvent`
+when every site is sampled), composed over rounds by `dp_accounting`'s RDP accountant; ε is
+reported for the run's δ. What the mechanism covers is the adapter: evaluation metrics that
+sites report are released as they are.
+
+Noise comes from a cryptographic stream (ChaCha20, keyed from the operating system's random
+source for every draw), turned into normal deviates by the Box-Muller transform, never from
+numpy's generator: its state would predict the noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import dp_accounting
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+__all__ = ["PrivacyLedger", "gaussian_noise", "round_event"]
+
+_UNIT = 2.0**-53
+MAX_NOISE_MULTIPLIER = 1e4
+"""Calibration searches below this; a budget that even this much noise cannot meet is refused."""
+
+
+def _uniform_bits(count: int) -> np.ndarray:
+    """`count` uniformly random 64-bit words from a freshly keyed ChaCha20 stream."""
+    cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
+    return np.frombuffer(cipher.encryptor().update(bytes(8 * count)), dtype=np.uint64)
+
+
+def gaussian_noise(size: int, std: float) -> np.ndarray:
+    """`size` independent N(0, std²) float64 deviates from a cryptographic stream (Box-Muller)."""
+    pairs = (size + 1) // 2
+    words = _uniform_bits(2 * pairs).reshape(2, pairs)
+    u1 = ((words[0] >> np.uint64(11)).astype(np.float64) + 1.0) * _UNIT  # (0, 1]: log is finite
+    u2 = (words[1] >> np.uint64(11)).astype(np.float64) * _UNIT
+    radius = np.sqrt(-2.0 * np.log(u1)) * std
+    angle = 2.0 * math.pi * u2
+    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:size]
+
+
+def round_event(noise_multiplier: float, live: int, sampled: int) -> dp_accounting.DpEvent:
+    """The DP event of one round: `sampled` of `live` sites, noise z·C on a sum of sensitivity 2C."""
+    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier / 2.0)
+    if sampled >= live:
+        return gaussian
+    return dp_accounting.SampledWithoutReplacementDpEvent(live, sampled, gaussian)
+
+
+def _accountant() -> dp_accounting.rdp.RdpAccountant:
+    """RDP at dp_accounting's default orders, replace-one neighbours (needed for sampling without replacement)."""
+    return dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.privacy_accountant.NeighboringRelation.REPLACE_ONE
+    )
+
+
+def _composed(rounds: Sequence[Round]) -> dp_accounting.DpEvent:
+    """All `rounds` as one event; equal rounds self-composed, so each kind is computed once."""
+    counts = Counter(rounds)
+    return dp_accounting.ComposedDpEvent(
+        [dp_accounting.SelfComposedDpEvent(round_event(z, live, sampled), n) for (live, sampled, z), n in counts.items()]
+    )
+
+
+Round = tuple[int, int, float]
+"""One released round: live sites, sites sampled, noise multiplier."""
+
+
+@dataclass
+class PrivacyLedger:
+    """The rounds released so far and the ε they spend at `delta`.
+
+    Its `rounds` go into checkpoints, so a resumed run goes on spending from the same budget,
+    and each keeps its own noise multiplier.
+    """
+
+    noise_multiplier: float
+    """The noise multiplier of the rounds to come."""
+    delta: float
+    rounds: list[Round]
+
+    def epsilon(self, then: tuple[int, int] | None = None) -> float:
+        """ε after the recorded rounds, and after one more of (live, sampled) sites if `then` is given."""
+        return _epsilon([*self.rounds, *([(*then, self.noise_multiplier)] if then else [])], self.delta)
+
+    def record(self, live: int, sampled: int) -> None:
+        """Record a released round: `sampled` of `live` sites trained, and the noised aggregate replaced the adapter."""
+        self.rounds.append((live, sampled, self.noise_multiplier))
+
+    def calibrate(self, target_epsilon: float, rounds: Sequence[tuple[int, int]]) -> float:
+        """Set and return the smallest noise multiplier with which `rounds` more of (live, sampled) sites
+        keep ε within `target_epsilon`."""
+
+        def planned(z: float) -> list[Round]:
+            return [*self.rounds, *((live, sampled, z) for live, sampled in rounds)]
+
+        floor = _epsilon(planned(MAX_NOISE_MULTIPLIER), self.delta)
+        if floor > target_epsilon:
+            raise ValueError(
+                f"no noise meets ε = {target_epsilon:g}: the rounds released so far, with as much noise as "
+                f"{MAX_NOISE_MULTIPLIER:g} for the rest, already spend {floor:.4g}"
+            )
+        self.noise_multiplier = float(
+            dp_accounting.calibrate_dp_mechanism(
+                _accountant,
+                lambda z: _composed(planned(z)),
+                target_epsilon,
+                self.delta,
+                dp_accounting.LowerEndpointAndGuess(0.05, 1.0),
+                tol=1e-4,
+            )
+        )
+        return self.noise_multiplier
+
+    def to_metadata(self) -> dict[str, str]:
+        """The released rounds as checkpoint metadata (a string)."""
+        return {"dp_rounds": json.dumps(self.rounds)}
+
+    def resume(self, metadata: Mapping[str, str]) -> None:
+        """Take the released rounds from a checkpoint's metadata, if it has any."""
+        if "dp_rounds" in metadata:
+            self.rounds = [(int(live), int(sampled), float(z)) for live, sampled, z in json.loads(metadata["dp_rounds"])]
+
+
+def _epsilon(rounds: Sequence[Round], delta: float) -> float:
+    accountant = _accountant()
+    accountant.compose(_composed(rounds))
+    return float(accountant.get_epsilon(delta))

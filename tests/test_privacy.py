@@ -1,0 +1,173 @@
+"""Differential privacy: the noise, the accounting, the budget, and DP rounds of a real coordinator."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+from scipy import stats
+
+from coordinator.aggregation import DpFedAvg
+from phalanx.privacy import PrivacyLedger, gaussian_noise, round_event
+from tests.harness import start_coordinator, start_echo_site, stop_sites
+from tests.test_coordinator_faults import ENV, ROOT, common_flags  # noqa: F401 (fixture)
+
+PARAMS = 20_000
+
+
+def test_noise_is_gaussian_with_the_asked_deviation_and_fresh_every_draw() -> None:
+    draw = gaussian_noise(200_001, 3.0)
+    assert draw.shape == (200_001,) and np.isfinite(draw).all()
+    assert stats.kstest(draw / 3.0, "norm").pvalue > 1e-4
+    assert abs(draw.std() / 3.0 - 1) < 0.01 and abs(draw.mean()) < 0.03
+    assert not np.array_equal(gaussian_noise(10, 1.0), gaussian_noise(10, 1.0))
+
+
+def test_epsilon_is_dp_accountings_for_the_sampling_the_coordinator_does() -> None:
+    ledger = PrivacyLedger(1.0, 1e-5, [])
+    for _ in range(50):
+        ledger.record(100, 10)
+    accountant = dp_accounting.rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.privacy_accountant.NeighboringRelation.REPLACE_ONE
+    )
+    accountant.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.SampledWithoutReplacementDpEvent(100, 10, dp_accounting.GaussianDpEvent(0.5)), 50
+        )
+    )
+    assert ledger.epsilon() == pytest.approx(accountant.get_epsilon(1e-5), rel=0.02)
+
+
+def test_epsilon_of_every_site_every_round_is_bounded_by_the_gaussian_mechanisms_exact_value() -> None:
+    """All sites sampled: T rounds of noise z on sensitivity 2 are one Gaussian with multiplier z / (2 sqrt T)."""
+    z, rounds, delta = 4.0, 16, 1e-5
+    ledger = PrivacyLedger(z, delta, [(5, 5, z)] * rounds)
+    exact = dp_accounting.pld.PLDAccountant()
+    exact.compose(dp_accounting.GaussianDpEvent(z / 2 / math.sqrt(rounds)))
+    classic = min(rounds * a / (2 * (z / 2) ** 2) + math.log(1 / delta) / (a - 1) for a in np.linspace(1.01, 200, 20_000))
+    assert exact.get_epsilon(delta) <= ledger.epsilon() <= classic
+    assert ledger.epsilon() == pytest.approx(exact.get_epsilon(delta), rel=0.15)  # RDP is tight here
+
+
+def test_calibration_spends_exactly_the_budget_and_resuming_keeps_each_rounds_noise() -> None:
+    ledger = PrivacyLedger(0.0, 1e-5, [(10, 10, 8.0)])
+    z = ledger.calibrate(3.0, [(10, 5)] * 20)
+    planned = PrivacyLedger(z, 1e-5, [(10, 10, 8.0), *[(10, 5, z)] * 20])
+    assert planned.epsilon() == pytest.approx(3.0, rel=1e-3)
+    resumed = PrivacyLedger(9.0, 1e-5, [])
+    resumed.resume(planned.to_metadata())
+    assert resumed.rounds == planned.rounds and resumed.epsilon() == planned.epsilon()
+    with pytest.raises(ValueError, match="already spend"):
+        PrivacyLedger(0.0, 1e-5, [(10, 10, 0.5)]).calibrate(1.0, [(10, 5)])
+
+
+def test_a_round_event_samples_without_replacement_unless_every_site_trains() -> None:
+    assert isinstance(round_event(1.0, 10, 10), dp_accounting.GaussianDpEvent)
+    event = round_event(1.0, 10, 3)
+    assert isinstance(event, dp_accounting.SampledWithoutReplacementDpEvent) and event.event.noise_multiplier == 0.5
+
+
+def test_dp_fedavg_is_the_uniform_mean_over_the_sampled_count_plus_noise_of_the_asked_size() -> None:
+    reference = {"a": np.zeros((100, 100), np.float32), "b": np.ones(500, np.float32)}
+    updates = [{k: v + k_ + 1 for k, v in reference.items()} for k_ in range(3)]  # +1, +2, +3
+    quiet = DpFedAvg(reference, sampled=4, noise_std=0.0)
+    for u in updates:
+        quiet.add(u, 1e9)  # weights are ignored
+    assert np.allclose(quiet.result()["a"], 6 / 4) and np.allclose(quiet.result()["b"], 1 + 6 / 4)
+    noisy = DpFedAvg(reference, sampled=4, noise_std=8.0)
+    for u in updates:
+        noisy.add(u, 1.0)
+    deviation = noisy.result()["a"] - 6 / 4
+    assert abs(deviation.std() - 8.0 / 4) < 0.05
+
+
+async def test_private_rounds_add_noise_of_z_c_over_m_and_report_epsilon(tmp_path: Path) -> None:
+    coordinator = await start_coordinator(
+        tmp_path, params=PARAMS, rounds=2, clip_norm=0.5, dp_noise_multiplier=2.0, dp_delta=1e-5
+    )
+    sites = [await start_echo_site(coordinator.address, k, params=PARAMS) for k in range(2)]
+    try:
+        rows = await coordinator.app.run()
+    finally:
+        await stop_sites(sites)
+        await coordinator.close()
+    # Echo sites send the adapter back unchanged: two rounds moved it by noise alone, N(0, (zC/m)^2) each.
+    moved = np.concatenate([(coordinator.app.federation.adapter[k] - v).ravel() for k, v in coordinator.initial.items()])
+    assert moved.std() == pytest.approx(math.sqrt(2) * 2.0 * 0.5 / 2, rel=0.05)
+    epsilons = [r["dp_epsilon"] for r in rows]
+    assert epsilons[0] == 0 and 0 < epsilons[1] < epsilons[2]
+    assert epsilons[2] == pytest.approx(PrivacyLedger(2.0, 1e-5, [(2, 2, 2.0)] * 2).epsilon())
+    round_spans = [s for s in coordinator.spans.get_finished_spans() if s.name == "fl.round"]
+    assert [s.attributes["fl.dp.epsilon"] for s in round_spans] == pytest.approx(epsilons)
+
+
+async def test_the_run_stops_before_the_round_that_would_pass_the_budget(tmp_path: Path) -> None:
+    budget = PrivacyLedger(3.0, 1e-5, [(2, 2, 3.0)] * 3).epsilon() * 1.01  # three rounds fit, a fourth does not
+    coordinator = await start_coordinator(
+        tmp_path, params=PARAMS, rounds=10, clip_norm=0.5, dp_noise_multiplier=3.0, dp_target_epsilon=budget
+    )
+    sites = [await start_echo_site(coordinator.address, k, params=PARAMS) for k in range(2)]
+    try:
+        rows = await coordinator.app.run()
+    finally:
+        await stop_sites(sites)
+        await coordinator.close()
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1]["dp_epsilon"] <= budget
+    assert "round 4 would bring ε to" in coordinator.app.federation.stop_reason
+
+
+async def test_a_budget_without_a_noise_multiplier_calibrates_one_that_spends_it(tmp_path: Path) -> None:
+    coordinator = await start_coordinator(tmp_path, params=PARAMS, rounds=3, clip_norm=0.5, dp_target_epsilon=5.0)
+    sites = [await start_echo_site(coordinator.address, k, params=PARAMS) for k in range(2)]
+    try:
+        rows = await coordinator.app.run()
+    finally:
+        await stop_sites(sites)
+        await coordinator.close()
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert rows[-1]["dp_epsilon"] == pytest.approx(5.0, rel=1e-3)
+    assert coordinator.app.federation.privacy.noise_multiplier > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dp-noise-multiplier", "1"], "differential privacy needs --clip-norm C"),
+        (["--dp-target-epsilon", "3", "--clip-norm", "1", "--aggregator", "median"], "works with --aggregator fedavg only"),
+        (["--dp-noise-multiplier", "1", "--clip-norm", "1", "--deterministic"], "cannot reproduce DP noise"),
+        (["--dp-noise-multiplier", "1", "--clip-norm", "1", "--dp-delta", "1"], "--dp-delta must be in (0, 1)"),
+    ],
+)
+def test_private_runs_that_cannot_work_are_refused_with_a_message(flags: list[str], message: str, capsys) -> None:
+    from coordinator.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(flags)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_private_federation_of_processes_spends_its_budget_and_stops(tmp_path: Path, common_flags: list[str]) -> None:
+    budget = PrivacyLedger(1.0, 1e-5, [(2, 2, 1.0)] * 2).epsilon() * 1.01  # two rounds fit, a third does not
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "coordinator", "--spawn-trainers", "2", "--listen", "127.0.0.1:0", "--out", str(out),
+            "--rounds", "5", "--local-steps", "2", "--batch-size", "8", "--eval-max-examples", "20", "--clip-norm", "0.5",
+            "--dp-noise-multiplier", "1.0", "--dp-target-epsilon", repr(budget), *common_flags,
+        ],  # fmt: skip
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["status"] == "ok" for r in rows)
+    assert 0 == rows[0]["dp_epsilon"] < rows[1]["dp_epsilon"] < rows[2]["dp_epsilon"] <= budget
+    assert "stopped early: privacy budget: round 3 would bring ε to" in result.stdout
+    assert f"ε = {rows[2]['dp_epsilon']:.4g} spent by the run" in result.stdout
+    assert "Mutual TLS" in result.stdout  # and over mTLS, as every spawned federation
