@@ -15,7 +15,7 @@ from scipy import stats
 
 from coordinator.aggregation import DpFedAvg
 from phalanx.privacy import PrivacyLedger, gaussian_noise, round_event
-from tests.harness import start_coordinator, start_echo_site, stop_sites
+from tests.harness import Coordinator, start_coordinator, start_echo_site, stop_sites
 from tests.test_coordinator_faults import ENV, ROOT, common_flags  # noqa: F401 (fixture)
 
 PARAMS = 20_000
@@ -87,16 +87,19 @@ def test_dp_fedavg_is_the_uniform_mean_over_the_sampled_count_plus_noise_of_the_
     assert abs(deviation.std() - 8.0 / 4) < 0.05
 
 
-async def test_private_rounds_add_noise_of_z_c_over_m_and_report_epsilon(tmp_path: Path) -> None:
-    coordinator = await start_coordinator(
-        tmp_path, params=PARAMS, rounds=2, clip_norm=0.5, dp_noise_multiplier=2.0, dp_delta=1e-5
-    )
+async def run_private(tmp_path: Path, **settings) -> tuple[Coordinator, list[dict]]:
+    """A coordinator with `settings` and two echo sites (they send the adapter back unchanged); its rows."""
+    coordinator = await start_coordinator(tmp_path, params=PARAMS, clip_norm=0.5, **settings)
     sites = [await start_echo_site(coordinator.address, k, params=PARAMS) for k in range(2)]
     try:
-        rows = await coordinator.app.run()
+        return coordinator, await coordinator.app.run()
     finally:
         await stop_sites(sites)
         await coordinator.close()
+
+
+async def test_private_rounds_add_noise_of_z_c_over_m_and_report_epsilon(tmp_path: Path) -> None:
+    coordinator, rows = await run_private(tmp_path, rounds=2, dp_noise_multiplier=2.0, dp_delta=1e-5)
     # Echo sites send the adapter back unchanged: two rounds moved it by noise alone, N(0, (zC/m)^2) each.
     moved = np.concatenate([(coordinator.app.federation.adapter[k] - v).ravel() for k, v in coordinator.initial.items()])
     assert moved.std() == pytest.approx(math.sqrt(2) * 2.0 * 0.5 / 2, rel=0.05)
@@ -109,28 +112,14 @@ async def test_private_rounds_add_noise_of_z_c_over_m_and_report_epsilon(tmp_pat
 
 async def test_the_run_stops_before_the_round_that_would_pass_the_budget(tmp_path: Path) -> None:
     budget = PrivacyLedger(3.0, 1e-5, [(2, 2, 3.0)] * 3).epsilon() * 1.01  # three rounds fit, a fourth does not
-    coordinator = await start_coordinator(
-        tmp_path, params=PARAMS, rounds=10, clip_norm=0.5, dp_noise_multiplier=3.0, dp_target_epsilon=budget
-    )
-    sites = [await start_echo_site(coordinator.address, k, params=PARAMS) for k in range(2)]
-    try:
-        rows = await coordinator.app.run()
-    finally:
-        await stop_sites(sites)
-        await coordinator.close()
+    coordinator, rows = await run_private(tmp_path, rounds=10, dp_noise_multiplier=3.0, dp_target_epsilon=budget)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["dp_epsilon"] <= budget
     assert "round 4 would bring ε to" in coordinator.app.federation.stop_reason
 
 
 async def test_a_budget_without_a_noise_multiplier_calibrates_one_that_spends_it(tmp_path: Path) -> None:
-    coordinator = await start_coordinator(tmp_path, params=PARAMS, rounds=3, clip_norm=0.5, dp_target_epsilon=5.0)
-    sites = [await start_echo_site(coordinator.address, k, params=PARAMS) for k in range(2)]
-    try:
-        rows = await coordinator.app.run()
-    finally:
-        await stop_sites(sites)
-        await coordinator.close()
+    coordinator, rows = await run_private(tmp_path, rounds=3, dp_target_epsilon=5.0)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["dp_epsilon"] == pytest.approx(5.0, rel=1e-3)
     assert coordinator.app.federation.privacy.noise_multiplier > 0
