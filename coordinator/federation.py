@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -127,10 +128,15 @@ def sample_size(count: int, fraction: float, minimum: int) -> int:
     return min(count, max(minimum, math.ceil(fraction * count)))
 
 
-def sample(trainers: list[TrainerEntry], fraction: float, minimum: int, seed: int, round_: int) -> list[TrainerEntry]:
-    """A deterministic sample of at least `minimum` (and `fraction` of) the given trainers."""
+def sample(trainers: list[TrainerEntry], fraction: float, minimum: int, rng: random.Random) -> list[TrainerEntry]:
+    """A sample of at least `minimum` (and `fraction` of) the given trainers, drawn with `rng`."""
     k = sample_size(len(trainers), fraction, minimum)
-    return sorted(random.Random(f"{seed}:{round_}").sample(trainers, k), key=lambda e: e.name)
+    return sorted(rng.sample(trainers, k), key=lambda e: e.name)
+
+
+def seeded(seed: int, round_: int) -> random.Random:
+    """The same draws whenever round `round_` of a run seeded with `seed` is run again."""
+    return random.Random(f"{seed}:{round_}")
 
 
 class Federation:
@@ -213,6 +219,11 @@ class Federation:
             self.completed_rounds = round_
         self.state = coordinator_pb2.RUN_STATE_FINISHED
         return rows
+
+    def training_rng(self, round_: int) -> random.Random:
+        """The draws that pick round `round_`'s trainers: seeded, so reruns sample alike, unless the run
+        is private: amplification by subsampling holds only if no one can predict who trains."""
+        return secrets.SystemRandom() if self.privacy is not None else seeded(self.config.rounds.seed, round_)
 
     def _checkpoint_metadata(self) -> dict[str, str]:
         metadata = {"run_id": self.run_id}
@@ -319,7 +330,7 @@ class Federation:
     async def _train(self, round_: int, stats: RoundStats, span: Span) -> Adapter:
         rounds = self.config.rounds
         live = self.registry.live()
-        sampled = sample(live, rounds.fraction_train, rounds.min_trainers, rounds.seed, round_)
+        sampled = sample(live, rounds.fraction_train, rounds.min_trainers, self.training_rng(round_))
         stats.population = (len(live), len(sampled))
         span.set_attribute("fl.clients", len(sampled))
         if len(sampled) < rounds.min_trainers:
@@ -398,7 +409,7 @@ class Federation:
 
     async def _evaluate(self, round_: int, stats: RoundStats) -> None:
         rounds = self.config.rounds
-        chosen = sample(self.registry.live(), rounds.fraction_evaluate, 1, rounds.seed + 1, round_)
+        chosen = sample(self.registry.live(), rounds.fraction_evaluate, 1, seeded(rounds.seed + 1, round_))
         encoded = encode(self.adapter, self._wire_dtype)
         broadcast = Broadcast.of(trainer_pb2.EvaluateRequest, encoded)
         header = trainer_pb2.EvaluateHeader(

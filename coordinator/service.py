@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from coordinator.registry import Registry, RegistrationRefused
+from coordinator.registry import RegistrationRefused, Registry
 from phalanx.codec import AdapterError, TensorLayout, check_layout, parse_manifest
 from phalanx.identity import AddressError, check_address, check_site_name, is_loopback, printable
 from phalanx.pki import ROLE_SITE

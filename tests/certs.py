@@ -6,7 +6,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from phalanx.pki import DEFAULT_SITE_HOSTS, ROLE_SITE, Authority, cert_pem, issue, key_pem, load_authority, new_authority, provision
+from phalanx.pki import (
+    DEFAULT_SITE_HOSTS,
+    ROLE_SITE,
+    Authority,
+    cert_pem,
+    issue,
+    key_pem,
+    load_authority,
+    new_authority,
+    provision,
+)
 from phalanx.rpc import TlsCredentials
 
 SITES = ("site-a", "site-b", "site-c", *(f"echo-{k}" for k in range(6)))

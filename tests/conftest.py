@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,3 +43,22 @@ def pki(tmp_path_factory: pytest.TempPathFactory):
     from tests.certs import Pki
 
     return Pki.provision(tmp_path_factory.mktemp("pki"))
+
+
+def toy_csv(path: Path) -> Path:
+    """240 short texts in three classes, each told apart by its words: a tiny model learns it in a few steps."""
+    words = {"negative": "awful terrible sad bad", "neutral": "table chair window door", "positive": "great lovely happy good"}
+    rng = np.random.default_rng(0)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(240):
+            label = list(words)[i % 3]
+            writer.writerow([" ".join(rng.choice(words[label].split(), size=5)) + f" {i}", label])
+    return path
+
+
+@pytest.fixture
+def common_flags(tmp_path: Path, tiny_model_dir: Path) -> list[str]:
+    """Model and data flags for real processes: the tiny BERT on the toy CSV."""
+    return ["--model", str(tiny_model_dir), "--data", str(toy_csv(tmp_path / "toy.csv")), "--max-length", "16"]

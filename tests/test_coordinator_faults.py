@@ -5,7 +5,6 @@ Real `python -m coordinator` and `python -m trainer` processes on a tiny BERT an
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -26,23 +25,6 @@ from tests.test_trainer_faults import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def toy_csv(path: Path) -> Path:
-    words = {"negative": "awful terrible sad bad", "neutral": "table chair window door", "positive": "great lovely happy good"}
-    rng = np.random.default_rng(0)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for i in range(240):
-            label = list(words)[i % 3]
-            writer.writerow([" ".join(rng.choice(words[label].split(), size=5)) + f" {i}", label])
-    return path
-
-
-@pytest.fixture
-def common_flags(tmp_path: Path, tiny_model_dir: Path) -> list[str]:
-    return ["--model", str(tiny_model_dir), "--data", str(toy_csv(tmp_path / "toy.csv")), "--max-length", "16"]
 
 
 def start(module: str, *args: str, log: Path) -> subprocess.Popen:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from scipy import stats
 from coordinator.aggregation import DpFedAvg
 from phalanx.privacy import PrivacyLedger, gaussian_noise, round_event
 from tests.harness import Coordinator, start_coordinator, start_echo_site, stop_sites
-from tests.test_coordinator_faults import ENV, ROOT, common_flags  # noqa: F401 (fixture)
+from tests.test_coordinator_faults import ENV, ROOT
 
 PARAMS = 20_000
 
@@ -96,6 +97,19 @@ async def run_private(tmp_path: Path, **settings) -> tuple[Coordinator, list[dic
     finally:
         await stop_sites(sites)
         await coordinator.close()
+
+
+async def test_a_private_run_samples_its_trainers_with_secret_randomness(tmp_path: Path) -> None:
+    public = await start_coordinator(tmp_path / "public", params=PARAMS, rounds=1, seed=7)
+    private = await start_coordinator(tmp_path / "private", params=PARAMS, rounds=1, seed=7, clip_norm=1.0, dp_noise_multiplier=1.0)
+    population = list(range(1000))
+    try:
+        assert public.app.federation.training_rng(3).sample(population, 5) == public.app.federation.training_rng(3).sample(population, 5)
+        draws = {tuple(private.app.federation.training_rng(3).sample(population, 5)) for _ in range(3)}
+        assert isinstance(private.app.federation.training_rng(3), secrets.SystemRandom) and len(draws) == 3
+    finally:
+        await public.close()
+        await private.close()
 
 
 async def test_private_rounds_add_noise_of_z_c_over_m_and_report_epsilon(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_coordinator_faults import ENV, ROOT, common_flags, finish  # noqa: F401 (fixture)
+from tests.test_coordinator_faults import ENV, ROOT, finish
 
 
 def run(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
