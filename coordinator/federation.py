@@ -38,6 +38,10 @@ class RoundFailed(RuntimeError):
     """Too few trainers answered a round acceptably."""
 
 
+class BudgetReached(RoundFailed):
+    """The round would spend more privacy than the run's budget; nothing of it was released."""
+
+
 @dataclass
 class Participation:
     """What one trainer did in one phase of a round."""
@@ -211,10 +215,15 @@ class Federation:
                 try:
                     rows.append(await self._round(round_, attempt))
                     break
+                except BudgetReached as exc:
+                    self.stop_reason = str(exc)
+                    break
                 except RoundFailed as exc:
                     if attempt == rounds.round_retries or self._stop_requested:
                         raise
                     log.warning("%s; trying the round again (%d of %d)", exc, attempt + 1, rounds.round_retries)
+            if self.stop_reason:
+                break
             await asyncio.to_thread(self.outputs.save_checkpoint, round_, self.adapter, self._checkpoint_metadata())
             self.completed_rounds = round_
         self.state = coordinator_pb2.RUN_STATE_FINISHED
@@ -250,12 +259,15 @@ class Federation:
             self.privacy.noise_multiplier, rounds.dp_target_epsilon, rounds.dp_delta, len(left), *reversed(left[0]),
         )  # fmt: skip
 
-    async def _over_budget(self, round_: int) -> bool:
-        """Whether round `round_` would spend more than the privacy budget; if so, say why the run stops."""
+    async def _over_budget(self, round_: int, population: tuple[int, int] | None = None) -> bool:
+        """Whether round `round_` would spend more than the privacy budget; if so, say why the run stops.
+
+        Before a round, judged on the population now; `_train` judges again on the sites it sampled.
+        """
         target = self.config.rounds.dp_target_epsilon
         if self.privacy is None or target <= 0:
             return False
-        then = await asyncio.to_thread(self.privacy.epsilon, self._population())
+        then = await asyncio.to_thread(self.privacy.epsilon, population or self._population())
         if then <= target:
             return False
         self.stop_reason = (
@@ -333,6 +345,8 @@ class Federation:
         sampled = sample(live, rounds.fraction_train, rounds.min_trainers, self.training_rng(round_))
         stats.population = (len(live), len(sampled))
         span.set_attribute("fl.clients", len(sampled))
+        if await self._over_budget(round_, stats.population):  # the population shrank since the check before the round
+            raise BudgetReached(self.stop_reason)
         if len(sampled) < rounds.min_trainers:
             raise RoundFailed(f"round {round_}: only {len(sampled)} live trainers, need {rounds.min_trainers}")
         encoded = encode(self.adapter, self._wire_dtype)

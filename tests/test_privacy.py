@@ -174,3 +174,36 @@ def test_a_private_federation_of_processes_spends_its_budget_and_stops(tmp_path:
     assert "stopped early: privacy budget: round 3 would bring ε to" in result.stdout
     assert f"ε = {rows[2]['dp_epsilon']:.4g} spent by the run" in result.stdout
     assert "Mutual TLS" in result.stdout  # and over mTLS, as every spawned federation
+
+
+async def test_a_round_whose_sample_would_pass_the_budget_is_not_released(tmp_path: Path, monkeypatch) -> None:
+    """The check before a round sees 4 live sites; by the time the round samples, 2 are left (q = 1, not 0.5)."""
+    budget = PrivacyLedger(2.0, 1e-5, [(4, 2, 2.0)]).epsilon() * 1.01  # one round of 2 of 4 fits; 2 of 2 does not
+    coordinator = await start_coordinator(
+        tmp_path, params=PARAMS, rounds=3, clip_norm=0.5, dp_noise_multiplier=2.0, dp_target_epsilon=budget,
+        start_with=4, min_trainers=2, fraction_train=0.5,
+    )  # fmt: skip
+    sites = [await start_echo_site(coordinator.address, k, params=PARAMS) for k in range(4)]
+    registry = coordinator.app.registry
+    live = registry.live
+    calls_after_round_0 = []
+
+    def shrinking() -> list:
+        """Every site until round 0 is done and the check before round 1 has looked; two after that."""
+        if coordinator.rows:
+            calls_after_round_0.append(1)
+        return live()[:2] if len(calls_after_round_0) > 1 else live()
+
+    try:
+        await registry.wait_for(4, 10)
+        monkeypatch.setattr(registry, "live", shrinking)
+        rows = await coordinator.app.run()
+    finally:
+        await stop_sites(sites)
+        await coordinator.close()
+    assert [(r["round"], r["status"]) for r in rows] == [(0, "ok")]
+    assert coordinator.rows[-1]["round"] == 1 and coordinator.rows[-1]["status"] == "failed"
+    assert "round 1 would bring ε to" in coordinator.app.federation.stop_reason
+    assert coordinator.app.federation.privacy.rounds == []  # nothing released
+    for key, value in coordinator.initial.items():
+        np.testing.assert_array_equal(coordinator.app.federation.adapter[key], value)
