@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,15 +66,13 @@ class Allowlist:
         self._entries: dict[str, Entry] = {}
         self._reload(initial=True)
 
-    def allows(self, name: str) -> bool:
+    def sites(self) -> Mapping[str, Entry]:
+        """The listed sites by name, as the file says now."""
         self._reload()
-        return name in self._entries
+        return self._entries
 
-    def max_weight(self, name: str) -> float:
-        """The weight cap of `name` (infinite when the file sets none; 0 when the site is not listed)."""
-        self._reload()
-        entry = self._entries.get(name)
-        return entry.max_weight if entry is not None else 0.0
+    def allows(self, name: str) -> bool:
+        return name in self.sites()
 
     def _reload(self, initial: bool = False) -> None:
         try:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.registry import RegistryLimits
+from coordinator.trainer_client import TRANSFER_FLOOR_SECONDS
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
 from phalanx.model import ModelConfig
 from phalanx.rpc import TlsCredentials
@@ -71,7 +72,7 @@ class CoordinatorConfig:
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     max_transfers: int = 16
     """Adapters streamed at once (to and from trainers): bounds memory however many trainers there are."""
-    transfer_timeout: float = 30.0
+    transfer_timeout: float = TRANSFER_FLOOR_SECONDS
     """Seconds (plus one per MiB) a trainer has to deliver its adapter once a transfer slot is free for it."""
     tls: TlsCredentials | None = None
     """Mutual TLS on every channel; None is plaintext."""

@@ -414,12 +414,12 @@ class Federation:
             raise AdapterError(
                 f"reply claims {claimed} training examples; site {entry.name} registered {entry.num_train_examples}"
             )
-        allowlist = self.registry.allowlist
-        if allowlist is None:
+        if self.registry.allowlist is None:
             return float(claimed)
-        if not allowlist.allows(entry.name):
+        listed = self.registry.allowlist.sites().get(entry.name)
+        if listed is None:
             raise AdapterError(f"site {entry.name} is no longer in --allow-sites")
-        return float(min(claimed, allowlist.max_weight(entry.name)))
+        return float(min(claimed, listed.max_weight))
 
     async def _evaluate(self, round_: int, stats: RoundStats) -> None:
         rounds = self.config.rounds

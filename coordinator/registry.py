@@ -133,8 +133,11 @@ class Registry:
         now = time.monotonic()
         self._evict_stale(now)
         cutoff = now - self._liveness_timeout
-        allowed = self.allowlist.allows if self.allowlist is not None else lambda name: True
-        return [e for _, e in sorted(self._entries.items()) if e.last_seen >= cutoff and allowed(e.name)]
+        live = [e for _, e in sorted(self._entries.items()) if e.last_seen >= cutoff]
+        if self.allowlist is None:
+            return live
+        allowed = self.allowlist.sites()
+        return [e for e in live if e.name in allowed]
 
     def all(self) -> list[TrainerEntry]:
         return [e for _, e in sorted(self._entries.items())]

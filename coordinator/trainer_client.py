@@ -72,6 +72,8 @@ class _Upload:
 
 TRANSFER_BYTES_PER_SECOND = 1 << 20
 """The slowest rate at which a trainer may deliver its adapter once its transfer slot is free."""
+TRANSFER_FLOOR_SECONDS = 30.0
+"""What any reply may take once its slot is free, besides the time its size allows."""
 
 
 def transfer_seconds(floor: float, nbytes: int) -> float:
@@ -112,7 +114,7 @@ class TrainerClient:
         timeout: float,
         slots: asyncio.Semaphore,
         max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
-        transfer_floor: float = 30.0,
+        transfer_floor: float = TRANSFER_FLOOR_SECONDS,
     ) -> TrainReply:
         """Send the global adapter, receive the trained one.
 
