@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from bench import grpc_floor
 from bench.common import DEFAULT_PARAMS, header
@@ -95,10 +96,16 @@ class Case:
     max_transfers: int = CoordinatorConfig.max_transfers
     tls: bool = False
     """Mutual TLS on every channel (a throwaway CA per case)."""
+    secure: bool = False
+    """Secure aggregation (RoundConfig.secure_aggregation; needs tls)."""
+    eval_examples: int = 0
+    """Examples each trainer evaluates on (RoundConfig.eval_max_examples; 0: all)."""
 
     @property
     def name(self) -> str:
         security = "mtls" if self.tls else "plain"
+        if self.secure:
+            security += "-secagg"
         return (
             f"n{self.trainers}-p{self.params}-{self.wire}-{self.aggregator}-t{self.max_transfers}-{security}"
         )
@@ -170,8 +177,10 @@ def create_coordinator(
     out: Path,
     on_round: Callable[[dict[str, Any]], None],
     tls: TlsCredentials | None = None,
+    spans: SpanExporter | None = None,
 ) -> tuple[CoordinatorApp, Telemetry]:
-    """The coordinator of one case, recording telemetry without exporting it (the default).
+    """The coordinator of one case, recording telemetry without exporting it (the default), or
+    handing its finished spans to `spans`.
 
     Every trainer is sampled and must answer: one missing reply fails the round and the benchmark.
     """
@@ -183,6 +192,8 @@ def create_coordinator(
             round_timeout=ROUND_TIMEOUT_SECONDS,
             aggregator=case.aggregator,
             wire_dtype=case.wire,
+            eval_max_examples=case.eval_examples,
+            secure_aggregation=case.secure,
         ),
         label_names=LABELS,
         listen="127.0.0.1:0",
@@ -192,7 +203,7 @@ def create_coordinator(
         max_transfers=case.max_transfers,
         tls=tls,
     )
-    telemetry = Telemetry.create("phalanx-coordinator")
+    telemetry = Telemetry.create("phalanx-coordinator", span_exporter=spans)
     app = CoordinatorApp(config, telemetry, RunOutputs(out), synthetic_adapter(case.params), run_id="bench", on_round=on_round)
     return app, telemetry
 
@@ -210,13 +221,13 @@ async def run_or_fail(app: CoordinatorApp, trainers: int) -> list[dict[str, Any]
 
 
 async def run_case(
-    case: Case, rounds: int, warmup: int, profile_dir: Path | None = None
+    case: Case, rounds: int, warmup: int, profile_dir: Path | None = None, spans: SpanExporter | None = None
 ) -> tuple[list[dict[str, Any]], list[Mark]]:
     """Run a coordinator and its echo trainers; return the rows and the clocks read at each row.
 
     With `profile_dir`, the coordinator's event loop is profiled over the rounds after the
     warm-up, and the trainers' process over its whole life. A TLS case provisions its PKI in the
-    case's temporary folder first.
+    case's temporary folder first. The coordinator's finished spans go to `spans` if given.
     """
     trainers: subprocess.Popen | None = None
     trainers_process: psutil.Process | None = None
@@ -234,7 +245,7 @@ async def run_case(
     with tempfile.TemporaryDirectory(prefix="phalanx-bench-") as tmp:
         certs = Path(tmp) / "pki" if case.tls else None
         tls = provision_pki(certs, case.trainers) if certs else None
-        app, telemetry = create_coordinator(case, rounds, Path(tmp), mark, tls)
+        app, telemetry = create_coordinator(case, rounds, Path(tmp), mark, tls, spans)
         try:
             address = await app.start()
             trainers = start_trainers(

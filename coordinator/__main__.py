@@ -89,6 +89,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--dp-target-epsilon", type=float, default=0.0,
         help="budget: stop before a round that would pass it; without --dp-noise-multiplier, calibrate the noise to it",
     )  # fmt: skip
+    secure = parser.add_argument_group(
+        "secure aggregation", "SecAgg+: sites mask their updates so the coordinator learns only the weighted sum"
+    )
+    secure.add_argument("--secure-aggregation", action="store_true", help="mask every round's training replies")
+    secure.add_argument(
+        "--secagg-neighbours", type=int, default=0, help="neighbours per site (k, even unless all); 0: from the sites sampled"
+    )
+    secure.add_argument("--secagg-threshold", type=int, default=0, help="shares that recover a secret (t > k/2); 0: ⌈2k/3⌉")
+    secure.add_argument(
+        "--secagg-range", type=float, default=0.0,
+        help="clip each update coordinate to ±this before quantising; 0: --clip-norm plus the noise's tail, or 1",
+    )  # fmt: skip
+    privacy.add_argument(
+        "--dp-adaptive-clipping", action="store_true",
+        help="start at --clip-norm and move it each round towards --dp-target-quantile of the update norms",
+    )  # fmt: skip
+    privacy.add_argument("--dp-target-quantile", type=float, default=0.5, help="share of updates adaptive clipping leaves unclipped")
+    privacy.add_argument("--dp-clip-lr", type=float, default=0.2, help="adaptive clipping's geometric step size")
+    privacy.add_argument(
+        "--dp-clipped-count-stddev", type=float, default=0.0, help="noise on the count of unclipped updates; 0: max(m/20, z)"
+    )
     add_common_arguments(parser)
     return parser
 
@@ -124,6 +145,24 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tls: Tls
             (args.clip_norm > 0, "differential privacy needs --clip-norm C, the bound on each site's update"),
             (args.aggregator == "fedavg", "differential privacy works with --aggregator fedavg only"),
             (not args.deterministic, "--deterministic cannot reproduce DP noise, which is drawn fresh every round"),
+            (0 < args.dp_target_quantile < 1, "--dp-target-quantile must be in (0, 1)"),
+            (args.dp_clip_lr > 0 and args.dp_clipped_count_stddev >= 0, "--dp-clip-lr must be positive, the count noise not negative"),
+        ]
+    elif args.dp_adaptive_clipping:
+        checks.append((False, "--dp-adaptive-clipping needs differential privacy (--dp-noise-multiplier or --dp-target-epsilon)"))
+    if args.secure_aggregation:
+        checks += [
+            (
+                args.aggregator == "fedavg",
+                f"--aggregator {args.aggregator} needs each site's update; secure aggregation gives only their sum",
+            ),
+            (
+                tls is not None or (args.spawn_trainers > 0 and not args.insecure),
+                "secure aggregation needs certificates (--ca/--cert/--key, or --spawn-trainers without --insecure): "
+                "sites sign their keys with them",
+            ),
+            (args.secagg_neighbours >= 0 and args.secagg_threshold >= 0, "--secagg-neighbours/-threshold cannot be negative"),
+            (args.secagg_range >= 0, "--secagg-range cannot be negative"),
         ]
     for ok, message in checks:
         if not ok:
@@ -156,6 +195,14 @@ def round_config(args: argparse.Namespace) -> RoundConfig:
         dp_noise_multiplier=args.dp_noise_multiplier,
         dp_delta=args.dp_delta,
         dp_target_epsilon=args.dp_target_epsilon,
+        dp_adaptive_clipping=args.dp_adaptive_clipping,
+        dp_target_quantile=args.dp_target_quantile,
+        dp_clip_lr=args.dp_clip_lr,
+        dp_clipped_count_stddev=args.dp_clipped_count_stddev,
+        secure_aggregation=args.secure_aggregation,
+        secagg_neighbours=args.secagg_neighbours,
+        secagg_threshold=args.secagg_threshold,
+        secagg_range=args.secagg_range,
     )
 
 
@@ -203,6 +250,8 @@ async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> in
         allow_sites=args.allow_sites,
         registry=RegistryLimits(max_trainers=args.max_trainers),
     )
+    if args.secure_aggregation:
+        report.say("Secure aggregation (SecAgg+): the coordinator learns only the weighted sum of each round's updates.")
     outputs = RunOutputs(args.out)
     model = await asyncio.to_thread(build_model, config.model)
     adapter = adapter_state(model)

@@ -49,6 +49,21 @@ class RoundConfig:
     """Privacy budget at dp_delta: the noise is calibrated to it when dp_noise_multiplier is 0, else the run
     stops before a round that would pass it; 0 sets no budget."""
 
+    dp_adaptive_clipping: bool = False
+    """Move the clip norm each round towards dp_target_quantile of the update norms (Andrew et al. 2019)."""
+    dp_target_quantile: float = 0.5
+    dp_clip_lr: float = 0.2
+    dp_clipped_count_stddev: float = 0.0
+    """Noise on the count of unclipped updates; 0 is max(m/20, z) for m sites sampled."""
+    secure_aggregation: bool = False
+    """Mask the replies so the coordinator learns only their weighted sum (see phalanx.secagg)."""
+    secagg_neighbours: int = 0
+    """Neighbours per site in a secure round's graph (k); 0 picks it from the number of sites sampled."""
+    secagg_threshold: int = 0
+    """Shares needed to recover a site's secret (t); 0 is ⌈2k/3⌉."""
+    secagg_range: float = 0.0
+    """Each coordinate of an update is clipped to ±range before quantisation; 0 derives it (see SecureSettings)."""
+
     @property
     def private(self) -> bool:
         """Whether rounds are differentially private (see phalanx.privacy)."""

@@ -20,13 +20,20 @@ from coordinator.aggregation import DpFedAvg, clip_update, create_aggregator
 from coordinator.config import CoordinatorConfig
 from coordinator.outputs import RunOutputs
 from coordinator.registry import Registry, TrainerEntry
+from coordinator.secure_round import apply_update, settings_for
 from coordinator.trainer_client import Broadcast, EvaluateReply, TrainReply
-from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, check_finite, encode, layout_of
+from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, TensorLayout, check_finite, encode, layout_of
 from phalanx.identity import escaped
-from phalanx.privacy import PrivacyLedger
-from phalanx.streams import status_for
+from phalanx.privacy import AdaptiveClip, PrivacyLedger
+from phalanx.secagg import messages
+from phalanx.secagg.errors import SecAggError
+from phalanx.secagg.keys import Context, Verifier
+from phalanx.secagg.masks import dequantise
+from phalanx.secagg.protocol import ServerRound, Setup
+from phalanx.streams import status_for, status_for_secagg
 from phalanx.telemetry import Telemetry
-from phalanx.v1 import coordinator_pb2, trainer_pb2
+from phalanx.v1 import adapter_pb2, coordinator_pb2, trainer_pb2
+from trainer.secure import MASKED_TENSOR
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,8 @@ class RoundStats:
     round: int
     train: list[Participation] = field(default_factory=list)
     evaluate: list[Participation] = field(default_factory=list)
+    unmask: list[Participation] = field(default_factory=list)
+    """Under secure aggregation: the sites asked for shares after the masked inputs arrived."""
     seconds: float = 0.0
     train_seconds: float = 0.0
     evaluate_seconds: float = 0.0
@@ -73,6 +82,9 @@ class RoundStats:
     """Live sites and sites sampled for training."""
     dp_epsilon: float | None = None
     """ε spent by the run after this round, when rounds are differentially private."""
+    clip_norm: float | None = None
+    """Under adaptive clipping: the clip norm of this round, and the noisy share of updates within it."""
+    unclipped_fraction: float | None = None
 
     def loss_and_accuracy(self) -> tuple[float, float]:
         ok = [p for p in self.evaluate if p.status == "accepted"]
@@ -85,7 +97,7 @@ class RoundStats:
         loss, accuracy = self.loss_and_accuracy()
         trained = [p for p in self.train if p.status == "accepted"]
         weight = sum(p.num_examples for p in trained)
-        everyone = self.train + self.evaluate
+        everyone = self.train + self.unmask + self.evaluate
         return {
             "round": self.round,
             "status": status,
@@ -111,6 +123,8 @@ class RoundStats:
             "bytes_received": sum(p.bytes_received for p in everyone),
             "adapter_bytes": adapter_bytes,
             **({"dp_epsilon": round(self.dp_epsilon, 6)} if self.dp_epsilon is not None else {}),
+            **({"clip_norm": self.clip_norm} if self.clip_norm is not None else {}),
+            **({"unclipped_fraction": round(self.unclipped_fraction, 4)} if self.unclipped_fraction is not None else {}),
         }
 
 
@@ -169,8 +183,15 @@ class Federation:
         self._stop_requested = False
         rounds = config.rounds
         self.privacy = PrivacyLedger(rounds.dp_noise_multiplier, rounds.dp_delta, []) if rounds.private else None
-        if self.privacy is not None and resumed is not None:
-            self.privacy.resume(resumed)
+        self.adaptive_clip: AdaptiveClip | None = None
+        if self.privacy is not None and rounds.dp_adaptive_clipping:
+            self.adaptive_clip = AdaptiveClip(
+                rounds.clip_norm, rounds.dp_target_quantile, rounds.dp_clip_lr, rounds.dp_clipped_count_stddev
+            )
+        if resumed is not None:
+            for part in (self.privacy, self.adaptive_clip):
+                if part is not None:
+                    part.resume(resumed)
         self.stop_reason = ""
         """Why the run ended before its last round (a privacy budget), or empty."""
         # Adapters streamed at once, each direction counted: bounds memory however many trainers answer.
@@ -179,6 +200,12 @@ class Federation:
         self._wire_dtype = WIRE_DTYPES[config.rounds.wire_dtype]
         self._expected = layout_of(initial, self._wire_dtype)
         self._adapter_bytes = sum(a.nbytes for a in initial.values())
+        self._size = sum(a.size for a in initial.values())
+        self._verifier: Verifier | None = None
+        if rounds.secure_aggregation:
+            if config.tls is None:
+                raise ValueError("secure aggregation needs TLS credentials: sites sign their keys with their certificates")
+            self._verifier = Verifier(config.tls.ca)
         self._tracer = telemetry.tracer()
         meter = telemetry.meter()
         self._loss_gauge = meter.create_gauge("fl.round.loss", description="aggregated evaluation loss")
@@ -236,8 +263,9 @@ class Federation:
 
     def _checkpoint_metadata(self) -> dict[str, str]:
         metadata = {"run_id": self.run_id}
-        if self.privacy is not None:
-            metadata.update(self.privacy.to_metadata())
+        for part in (self.privacy, self.adaptive_clip):
+            if part is not None:
+                metadata.update(part.to_metadata())
         return metadata
 
     def _population(self) -> tuple[int, int]:
@@ -286,7 +314,7 @@ class Federation:
                 span.set_attribute("fl.attempt", attempt)
             try:
                 if round_ > 0:
-                    self.adapter = await self._train(round_, stats, span)
+                    self.adapter = await self._train(round_, stats, span, attempt)
                     if self.privacy is not None:
                         self.privacy.record(*stats.population)
                 stats.train_seconds = time.perf_counter() - started
@@ -339,7 +367,7 @@ class Federation:
             p.status, p.code, p.reason = "rejected", status_for(exc).name, escaped(exc, MAX_REASON_CHARS)
         return p
 
-    async def _train(self, round_: int, stats: RoundStats, span: Span) -> Adapter:
+    async def _train(self, round_: int, stats: RoundStats, span: Span, attempt: int = 0) -> Adapter:
         rounds = self.config.rounds
         live = self.registry.live()
         sampled = sample(live, rounds.fraction_train, rounds.min_trainers, self.training_rng(round_))
@@ -351,30 +379,9 @@ class Federation:
             raise RoundFailed(f"round {round_}: only {len(sampled)} live trainers, need {rounds.min_trainers}")
         encoded = encode(self.adapter, self._wire_dtype)
         broadcast = Broadcast.of(trainer_pb2.TrainRequest, encoded)
-        if self.privacy is not None:
-            noise_std = self.privacy.noise_multiplier * rounds.clip_norm
-            aggregator = DpFedAvg(self.adapter, sampled=len(sampled), noise_std=noise_std)
-        else:
-            aggregator = create_aggregator(rounds.aggregator, self.adapter, trim=rounds.trim)
-        held: dict[str, tuple[Adapter, float]] = {}  # accepted replies, when folded in a fixed order
 
-        def accept(entry: TrainerEntry, reply: TrainReply, p: Participation) -> None:
-            adapter, weight = reply.adapter, self._weight(entry, reply.result.num_examples)
-            if self.privacy is not None:
-                weight = 1.0  # uniform: a site's influence is bounded by the clip norm alone
-            if rounds.clip_norm > 0:
-                adapter, norm = clip_update(self.adapter, adapter, rounds.clip_norm)
-                if norm > rounds.clip_norm:
-                    log.info("round %d: update of %s clipped from norm %.4g to %g", round_, entry.name, norm, rounds.clip_norm)
-            if rounds.deterministic:
-                aggregator.check(adapter, weight)
-                held[entry.name] = (adapter, weight)
-            else:
-                aggregator.add(adapter, weight)
-            p.num_examples, p.loss, p.compute_seconds = reply.result.num_examples, reply.result.loss, reply.result.seconds
-
-        def train_one(entry: TrainerEntry) -> Awaitable[Participation]:
-            header = trainer_pb2.TrainHeader(
+        def header_for(entry: TrainerEntry) -> trainer_pb2.TrainHeader:
+            return trainer_pb2.TrainHeader(
                 run_id=self.run_id,
                 round=round_,
                 local_steps=rounds.local_steps,
@@ -384,11 +391,45 @@ class Federation:
                 reply_dtype=self._wire_dtype,
                 adapter=encoded.manifest,
             )
+
+        clip_norm = self.adaptive_clip.norm if self.adaptive_clip is not None else rounds.clip_norm
+        update_noise, count_noise = self._noise(len(sampled))
+        if rounds.secure_aggregation:
+            return await self._train_secure(
+                round_, attempt, stats, sampled, header_for, broadcast, clip_norm, update_noise * clip_norm, count_noise
+            )
+        if self.privacy is not None:
+            aggregator = DpFedAvg(self.adapter, sampled=len(sampled), noise_std=update_noise * clip_norm)
+        else:
+            aggregator = create_aggregator(rounds.aggregator, self.adapter, trim=rounds.trim)
+        held: dict[str, tuple[Adapter, float]] = {}  # accepted replies, when folded in a fixed order
+        unclipped = 0
+
+        def accept(entry: TrainerEntry, reply: TrainReply, p: Participation) -> None:
+            adapter, weight = reply.adapter, self._weight(entry, reply.result.num_examples)
+            if self.privacy is not None:
+                weight = 1.0  # uniform: a site's influence is bounded by the clip norm alone
+            within = True
+            if clip_norm > 0:
+                adapter, norm = clip_update(self.adapter, adapter, clip_norm)
+                within = norm <= clip_norm
+                if not within:
+                    log.info("round %d: update of %s clipped from norm %.4g to %g", round_, entry.name, norm, clip_norm)
+            if rounds.deterministic:
+                aggregator.check(adapter, weight)
+                held[entry.name] = (adapter, weight)
+            else:
+                aggregator.add(adapter, weight)
+            nonlocal unclipped
+            unclipped += within
+            p.num_examples, p.loss, p.compute_seconds = reply.result.num_examples, reply.result.loss, reply.result.seconds
+
+        def train_one(entry: TrainerEntry) -> Awaitable[Participation]:
             return self._ask(
                 entry,
                 "train",
                 lambda: entry.client.train(
-                    header, broadcast, expected=self._expected, timeout=rounds.round_timeout, slots=self._slots,
+                    header_for(entry), broadcast, expected=self._expected, timeout=rounds.round_timeout, slots=self._slots,
                     max_bytes=self.config.max_adapter_bytes, transfer_floor=self.config.transfer_timeout,
                 ),  # fmt: skip
                 lambda reply, p: accept(entry, reply, p),
@@ -406,7 +447,188 @@ class Federation:
             check_finite(result)
         except AdapterError as exc:
             raise RoundFailed(f"round {round_}: the aggregate is not finite ({exc}); the previous global adapter stays") from None
+        if self.adaptive_clip is not None:
+            self._adapt_clip(stats, clip_norm, self.adaptive_clip.noisy_fraction(unclipped, len(sampled), count_noise))
         return result
+
+    def _noise(self, sampled: int) -> tuple[float, float]:
+        """The noise multipliers of a round of `sampled` sites: on the update sum, and on the count of
+        unclipped updates under adaptive clipping (both 0 for a round that is not private)."""
+        if self.privacy is None:
+            return 0.0, 0.0
+        if self.adaptive_clip is None:
+            return self.privacy.noise_multiplier, 0.0
+        try:
+            return self.adaptive_clip.noise(self.privacy.noise_multiplier, sampled)
+        except ValueError as exc:
+            raise RoundFailed(str(exc)) from None
+
+    def _adapt_clip(self, stats: RoundStats, used: float, fraction: float) -> None:
+        """Record the round's clip norm and noisy unclipped share, and move the clip norm for the next round."""
+        assert self.adaptive_clip is not None
+        stats.clip_norm, stats.unclipped_fraction = used, fraction
+        self.adaptive_clip.step(fraction)
+
+    async def _train_secure(
+        self,
+        round_: int,
+        attempt: int,
+        stats: RoundStats,
+        sampled: list[TrainerEntry],
+        header_for: Callable[[TrainerEntry], trainer_pb2.TrainHeader],
+        broadcast: Broadcast,
+        clip_norm: float,
+        noise_std: float,
+        count_noise: float,
+    ) -> Adapter:
+        """A round whose replies are masked (phalanx.secagg): keys, shares, masked inputs, unmask.
+
+        A site that fails or is refused at any stage is left out of the rest; one that drops
+        after sharing its keys has its masks removed from the sum with its neighbours' shares.
+        The round fails if fewer than the threshold of masked inputs arrive or a mask cannot be
+        removed; then nothing of it is released.
+        """
+        rounds = self.config.rounds
+        assert self._verifier is not None
+        parts = {e.name: Participation(e.name, "train", "failed") for e in sampled}
+        stats.train = list(parts.values())
+        entries, weights = {}, {}
+        for entry in sampled:
+            try:
+                weights[entry.name] = self._secure_weight(entry)
+                entries[entry.name] = entry
+            except AdapterError as exc:
+                parts[entry.name].status, parts[entry.name].reason = "rejected", escaped(exc, MAX_REASON_CHARS)
+        # Under DP every site weighs 1/m for the m sampled, as DP-FedAvg divides by m.
+        total_weight = float(len(sampled)) if self.privacy is not None else sum(weights.values())
+        settings = settings_for(rounds, len(entries), clip_norm, noise_std, count_noise)
+        counting = self.adaptive_clip is not None  # one more word: the (noisy) count of unclipped updates
+        length = self._size + counting
+        context = Context(self.run_id, round_, attempt)
+        try:
+            setup = Setup(context, tuple(entries), settings.neighbours, settings.threshold)
+        except SecAggError as exc:
+            raise RoundFailed(f"round {round_}: {exc}") from None
+        server = ServerRound(setup, self._verifier, length)
+        masked_layout = (TensorLayout(MASKED_TENSOR, adapter_pb2.DATA_TYPE_UINT32, (length,)),)
+        secure_round = messages.round_of(context)
+        timeout = rounds.round_timeout
+
+        async def stage(p: Participation, step: str, call: Callable[[TrainerEntry], Awaitable[Any]], accept: Callable[[Any], None]) -> None:
+            """One site's call at one stage; a failure or refusal is recorded on `p`."""
+            try:
+                reply = await call(entries[p.trainer])
+                self.registry.heard_from(entries[p.trainer])
+                accept(reply)
+            except grpc.aio.AioRpcError as exc:
+                p.status, p.code = "failed", exc.code().name
+                p.reason = f"{step}: " + escaped(exc.details() or "", MAX_REASON_CHARS)
+            except (SecAggError, AdapterError) as exc:
+                p.status, p.reason = "rejected", f"{step}: " + escaped(exc, MAX_REASON_CHARS)
+                p.code = (status_for(exc) if isinstance(exc, AdapterError) else status_for_secagg(exc)).name
+
+        def unary(p: Participation, request: Any, rpc: str) -> Callable[[TrainerEntry], Awaitable[Any]]:
+            async def call(entry: TrainerEntry) -> Any:
+                reply = await getattr(entry.client, rpc)(request, timeout)
+                p.bytes_sent += request.ByteSize()
+                p.bytes_received += reply.ByteSize()
+                return reply
+
+            return call
+
+        with self._tracer.start_as_current_span("fl.secagg.keys", attributes={"fl.clients": len(entries)}) as span:
+            span.set_attributes({"fl.secagg.neighbours": settings.neighbours, "fl.secagg.threshold": settings.threshold})
+            advertise = trainer_pb2.AdvertiseKeysRequest(
+                round=secure_round, participants=list(entries), neighbours=settings.neighbours, threshold=settings.threshold
+            )
+            await asyncio.gather(*(
+                stage(parts[name], "keys", unary(parts[name], advertise, "advertise_keys"),
+                      lambda r, n=name: server.accept_keys(n, messages.keys_from_message(r.keys)))
+                for name in entries
+            ))  # fmt: skip
+
+        def share_request(name: str) -> trainer_pb2.ShareKeysRequest:
+            return trainer_pb2.ShareKeysRequest(
+                round=secure_round, neighbours=[messages.keys_to_message(k) for k in server.keys_for(name)]
+            )
+
+        with self._tracer.start_as_current_span("fl.secagg.shares", attributes={"fl.clients": len(server.keys)}):
+            await asyncio.gather(*(
+                stage(parts[name], "shares", unary(parts[name], share_request(name), "share_keys"),
+                      lambda r, n=name: server.accept_shares(n, messages.by_site(r.shares, "shares")))
+                for name in list(server.keys)
+            ))  # fmt: skip
+
+        def masked_input(name: str) -> Callable[[TrainerEntry], Awaitable[TrainReply]]:
+            async def call(entry: TrainerEntry) -> TrainReply:
+                header = header_for(entry)
+                header.secure_aggregation.CopyFrom(
+                    trainer_pb2.SecureAggregation(
+                        attempt=attempt,
+                        shares=messages.sealed_list(server.shares_for(name)),
+                        weight_share=weights[name] / total_weight,
+                        clip_range=settings.clip_range,
+                        clip_norm=clip_norm,
+                        noise_std=settings.noise_std,
+                        count_unclipped=counting,
+                        count_noise_std=settings.count_noise_std,
+                    )
+                )
+                reply = await entry.client.train(
+                    header, broadcast, expected=masked_layout, timeout=timeout, slots=self._slots,
+                    max_bytes=self.config.max_adapter_bytes, transfer_floor=self.config.transfer_timeout,
+                )  # fmt: skip
+                parts[name].bytes_sent += reply.bytes_sent
+                parts[name].bytes_received += reply.bytes_received
+                return reply
+
+            return call
+
+        def accept_masked(name: str, reply: TrainReply) -> None:
+            server.accept_masked(name, np.asarray(reply.adapter[MASKED_TENSOR]))
+            p = parts[name]
+            p.status, p.code = "accepted", grpc.StatusCode.OK.name
+            p.num_examples, p.loss, p.compute_seconds = reply.result.num_examples, reply.result.loss, reply.result.seconds
+
+        with self._tracer.start_as_current_span("fl.secagg.masked_input", attributes={"fl.clients": len(server.shared)}):
+            await asyncio.gather(*(
+                stage(parts[name], "masked input", masked_input(name), lambda r, n=name: accept_masked(n, r))
+                for name in server.shared
+            ))  # fmt: skip
+
+        with self._tracer.start_as_current_span("fl.secagg.unmask") as span:
+            try:
+                survivors, dropped = server.start_unmask(settings.min_survivors)
+            except SecAggError as exc:
+                reasons = "; ".join(f"{p.trainer}: {p.code} {p.reason}" for p in stats.train if p.status != "accepted")
+                raise RoundFailed(f"round {round_}: {exc} ({reasons})") from None
+            span.set_attributes({"fl.secagg.survivors": len(survivors), "fl.secagg.dropped": len(dropped)})
+            request = trainer_pb2.UnmaskRequest(round=secure_round, survivors=survivors, dropped=dropped)
+            stats.unmask = [Participation(name, "unmask", "accepted", grpc.StatusCode.OK.name) for name in server.shared]
+            await asyncio.gather(*(
+                stage(p, "unmask", unary(p, request, "unmask"),
+                      lambda r, n=p.trainer: server.accept_revealed(
+                          n, messages.by_site(r.seed_shares, "seed shares"), messages.by_site(r.key_shares, "key shares")))
+                for p in stats.unmask
+            ))  # fmt: skip
+            try:
+                total = await asyncio.to_thread(server.result)
+            except SecAggError as exc:
+                raise RoundFailed(f"round {round_}: {exc}") from None
+        summed = dequantise(total, settings.clip_range, len(entries))
+        if counting:
+            self._adapt_clip(stats, clip_norm, float(summed[-1]) / clip_norm)  # weights 1/m: already a share
+            summed = summed[:-1]
+        if self.privacy is None:
+            summed /= sum(weights[name] for name in survivors) / total_weight  # FedAvg over the survivors
+        return apply_update(self.adapter, summed)
+
+    def _secure_weight(self, entry: TrainerEntry) -> float:
+        """A site's weight in a secure round, fixed before it trains: uniform under DP, else its
+        registered example count capped by the allowlist."""
+        if self.privacy is not None:
+            return 1.0
+        return self._weight(entry, entry.num_train_examples)
 
     def _weight(self, entry: TrainerEntry, claimed: int) -> float:
         """A reply's FedAvg weight: its example count, bounded by what the site registered and by the allowlist."""

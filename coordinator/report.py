@@ -31,6 +31,7 @@ class Report:
             f"{label:>14}  loss {_num(row['loss'], '.4f')}  accuracy {_num(row['accuracy'], '.3f')}  "
             f"{trainers}  {row['seconds']:.1f} s  sent {_mb(row['bytes_sent'])}  received {_mb(row['bytes_received'])}"
             + (f"  ε {row['dp_epsilon']:.3g}" if "dp_epsilon" in row else "")
+            + (f"  clip {row['clip_norm']:.3g}" if "clip_norm" in row else "")
             + ("  FAILED" if row["status"] != "ok" else "")
         )
 

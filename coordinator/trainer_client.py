@@ -161,6 +161,17 @@ class TrainerClient:
             return False
         return True
 
+    async def advertise_keys(
+        self, request: trainer_pb2.AdvertiseKeysRequest, timeout: float
+    ) -> trainer_pb2.AdvertiseKeysResponse:
+        return await self._stub.AdvertiseKeys(request, timeout=timeout)
+
+    async def share_keys(self, request: trainer_pb2.ShareKeysRequest, timeout: float) -> trainer_pb2.ShareKeysResponse:
+        return await self._stub.ShareKeys(request, timeout=timeout)
+
+    async def unmask(self, request: trainer_pb2.UnmaskRequest, timeout: float) -> trainer_pb2.UnmaskResponse:
+        return await self._stub.Unmask(request, timeout=timeout)
+
     async def end_run(self, run_id: str, reason: str, timeout: float) -> None:
         await self._stub.EndRun(trainer_pb2.EndRunRequest(run_id=run_id, reason=reason), timeout=timeout)
 

@@ -67,6 +67,7 @@ _STORAGE: dict[int, np.dtype] = {
     pb.DATA_TYPE_FLOAT16: np.dtype("<f2"),
     pb.DATA_TYPE_BFLOAT16: np.dtype("<u2"),
     pb.DATA_TYPE_FLOAT64: np.dtype("<f8"),
+    pb.DATA_TYPE_UINT32: np.dtype("<u4"),  # masked words under secure aggregation
 }
 WIRE_DTYPES: dict[str, int] = {
     "float32": pb.DATA_TYPE_FLOAT32,
@@ -74,7 +75,7 @@ WIRE_DTYPES: dict[str, int] = {
     "bfloat16": pb.DATA_TYPE_BFLOAT16,
     "float64": pb.DATA_TYPE_FLOAT64,
 }
-_NAMES = {code: name for name, code in WIRE_DTYPES.items()}
+_NAMES = {code: name for name, code in WIRE_DTYPES.items()} | {pb.DATA_TYPE_UINT32: "uint32"}
 
 
 class AdapterError(ValueError):
@@ -143,7 +144,7 @@ def _parse(manifest: pb.AdapterManifest, max_bytes: int) -> tuple[TensorLayout, 
             raise AdapterError(f"tensor {spec.name!r} appears twice in the manifest")
         seen.add(spec.name)
         if spec.dtype not in _STORAGE:
-            raise AdapterError(f"tensor {spec.name!r} has {dtype_name(spec.dtype)}; allowed: {', '.join(WIRE_DTYPES)}")
+            raise AdapterError(f"tensor {spec.name!r} has {dtype_name(spec.dtype)}; allowed: {', '.join(_NAMES.values())}")
         if len(spec.shape) > MAX_RANK:
             raise AdapterError(f"tensor {spec.name!r} has rank {len(spec.shape)}, more than {MAX_RANK}")
         tensor = TensorLayout(spec.name, spec.dtype, tuple(spec.shape))
@@ -179,7 +180,7 @@ def check_layout(actual: Sequence[TensorLayout], expected: Sequence[TensorLayout
         h = have[name]
         if h.shape != w.shape:
             raise AdapterError(f"tensor {name!r} has shape {list(h.shape)}, expected {list(w.shape)}")
-        if match_dtype and h.dtype != w.dtype:
+        if h.dtype != w.dtype and (match_dtype or h.dtype not in WIRE_DTYPES.values()):
             raise AdapterError(f"tensor {name!r} has {dtype_name(h.dtype)}, expected {dtype_name(w.dtype)}")
 
 
@@ -271,7 +272,7 @@ class AdapterAssembler:
     """Rebuilds one adapter from a manifest and its chunks, checking each step.
 
     Pass `expected` to also require the same keys, shapes and dtypes as a reference layout;
-    `match_dtype=False` accepts any allowed wire dtype.
+    `match_dtype=False` accepts any of the adapter wire dtypes (WIRE_DTYPES).
     A payload that arrives in one chunk is viewed in place; one in several chunks is copied into
     a buffer allocated when the first of them arrives.
     """

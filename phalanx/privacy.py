@@ -18,6 +18,14 @@ when every site is sampled), composed over rounds by `dp_accounting`'s RDP accou
 reported for the run's δ. What the mechanism covers is the adapter: evaluation metrics that
 sites report are released as they are.
 
+Adaptive clipping (Andrew et al. 2019, `AdaptiveClip`): instead of a fixed C, the clip norm
+follows a target quantile γ of the sites' update norms. Each round also releases the number of
+sites whose update was within C, with Gaussian noise σ_b, and C moves geometrically towards the
+quantile: C ← C·exp(-η(b̃ - γ)), b̃ the noisy fraction. The count has sensitivity 1 under
+replace-one, so the round, update sum and count together, is a Gaussian mechanism with noise
+multiplier z/2 (the one accounted) when the update sum gets noise z_Δ·C with
+z_Δ = (z⁻² - (2σ_b)⁻²)^(-1/2): a little more noise on the updates pays for the count.
+
 Noise comes from a cryptographic stream (ChaCha20, keyed from the operating system's random
 source for every draw), turned into normal deviates by the Box-Muller transform, never from
 numpy's generator: its state would predict the noise.
@@ -36,7 +44,7 @@ import dp_accounting
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-__all__ = ["PrivacyLedger", "gaussian_noise", "round_event"]
+__all__ = ["AdaptiveClip", "PrivacyLedger", "gaussian_noise", "round_event"]
 
 _UNIT = 2.0**-53
 MAX_NOISE_MULTIPLIER = 1e4
@@ -147,3 +155,44 @@ def _epsilon(rounds: Sequence[Round], delta: float) -> float:
     accountant = _accountant()
     accountant.compose(_composed(rounds))
     return float(accountant.get_epsilon(delta))
+
+
+@dataclass
+class AdaptiveClip:
+    """The clip norm of the rounds to come, moved towards a quantile of the update norms each round."""
+
+    norm: float
+    """C for the next round; it starts at --clip-norm."""
+    quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_std: float = 0.0
+    """σ_b, the noise on the count of unclipped updates; 0 takes `default_count_std` of the round's sites."""
+
+    def noise(self, noise_multiplier: float, sampled: int) -> tuple[float, float]:
+        """(z_Δ, σ_b) for a round of `sampled` sites whose whole release must have noise multiplier z."""
+        count_std = self.count_std or default_count_std(noise_multiplier, sampled)
+        if 2 * count_std <= noise_multiplier:
+            raise ValueError(
+                f"the clipped-count noise {count_std:g} must exceed half the noise multiplier {noise_multiplier:g}"
+            )
+        return (noise_multiplier**-2 - (2 * count_std) ** -2) ** -0.5, count_std
+
+    def noisy_fraction(self, unclipped: int, sampled: int, count_std: float) -> float:
+        """The released share of the `sampled` sites whose update was within C (noise σ_b on the count)."""
+        return (unclipped + float(gaussian_noise(1, count_std)[0])) / sampled
+
+    def step(self, fraction: float) -> None:
+        """Move C after a released round whose noisy unclipped fraction was `fraction`."""
+        self.norm *= math.exp(-self.learning_rate * (fraction - self.quantile))
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"dp_clip_norm": repr(self.norm)}
+
+    def resume(self, metadata: Mapping[str, str]) -> None:
+        if "dp_clip_norm" in metadata:
+            self.norm = float(metadata["dp_clip_norm"])
+
+
+def default_count_std(noise_multiplier: float, sampled: int) -> float:
+    """σ_b = m/20 as Andrew et al. advise, but at least z, so the updates' noise grows by 15% at most."""
+    return max(sampled / 20, noise_multiplier)

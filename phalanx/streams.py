@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterAssembler, AdapterError, AdapterTooLarge, TensorLayout
+from phalanx.secagg.errors import KeyRejected, OutOfOrder, SecAggError
 from phalanx.v1 import adapter_pb2
 
 DISCARD_SECONDS = 1.0
@@ -35,6 +36,16 @@ def status_for(error: AdapterError) -> grpc.StatusCode:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(error, WrongRound):
         return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+def status_for_secagg(error: SecAggError) -> grpc.StatusCode:
+    """FAILED_PRECONDITION for a secure-aggregation step out of turn or a replay, PERMISSION_DENIED
+    for substituted keys, INVALID_ARGUMENT for anything else malformed."""
+    if isinstance(error, OutOfOrder):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, KeyRejected):
+        return grpc.StatusCode.PERMISSION_DENIED
     return grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -146,9 +146,12 @@ async def start_echo_site(
     tls: TlsCredentials | None = None,
     limits: WorkLimits = WorkLimits(),
     register: bool = True,
+    shift: float = 0.0,
+    num_train: int = 100,
 ) -> EchoSite:
-    """An echo trainer node; with `register=False` it only serves, as a member of run "run-1" of 10 rounds."""
-    learner = EchoLearner(synthetic_adapter(params), delay=delay)
+    """An echo trainer node (adding `shift` to what it trains); with `register=False` it only
+    serves, as a member of run "run-1" of 10 rounds."""
+    learner = EchoLearner(synthetic_adapter(params), delay=delay, shift=shift, num_train=num_train)
     name = tls.identity.name if tls is not None else f"echo-{partition}"
     node = TrainerNode(
         NodeConfig(

@@ -15,7 +15,8 @@ import pytest
 from scipy import stats
 
 from coordinator.aggregation import DpFedAvg
-from phalanx.privacy import PrivacyLedger, gaussian_noise, round_event
+from coordinator.outputs import RunOutputs
+from phalanx.privacy import AdaptiveClip, PrivacyLedger, gaussian_noise, round_event
 from tests.harness import Coordinator, start_coordinator, start_echo_site, stop_sites
 from tests.test_coordinator_faults import ENV, ROOT
 
@@ -207,3 +208,48 @@ async def test_a_round_whose_sample_would_pass_the_budget_is_not_released(tmp_pa
     assert coordinator.app.federation.privacy.rounds == []  # nothing released
     for key, value in coordinator.initial.items():
         np.testing.assert_array_equal(coordinator.app.federation.adapter[key], value)
+
+
+def test_adaptive_clipping_pays_for_the_count_with_update_noise_so_the_round_stays_at_z() -> None:
+    clip = AdaptiveClip(1.0, count_std=2.0)
+    z_update, count_std = clip.noise(1.5, sampled=10)
+    # Update sum (sensitivity 2C, noise z_update·C) and count (sensitivity 1, noise σ_b) together are one
+    # Gaussian mechanism; its multiplier is the z/2 that the ledger accounts.
+    combined = 1 / math.sqrt((2 / z_update) ** 2 + (1 / count_std) ** 2)
+    assert count_std == 2.0 and z_update > 1.5 and combined == pytest.approx(1.5 / 2)
+    assert AdaptiveClip(1.0).noise(1.0, sampled=3) == pytest.approx((2 / math.sqrt(3), 1.0))  # σ_b = max(m/20, z)
+    with pytest.raises(ValueError, match="must exceed half the noise multiplier"):
+        AdaptiveClip(1.0, count_std=0.5).noise(1.0, sampled=10)
+
+
+def test_adaptive_clipping_moves_the_clip_norm_geometrically_towards_the_quantile() -> None:
+    clip = AdaptiveClip(1.0, quantile=0.5, learning_rate=0.2)
+    clip.step(1.0)  # every update was within C: C shrinks
+    assert clip.norm == pytest.approx(math.exp(-0.1))
+    clip.step(0.0)  # none was: C grows back
+    assert clip.norm == pytest.approx(1.0)
+    fractions = [clip.noisy_fraction(3, 6, count_std=1.0) for _ in range(4000)]
+    assert np.mean(fractions) == pytest.approx(0.5, abs=0.01) and np.std(fractions) == pytest.approx(1 / 6, rel=0.05)
+
+
+async def test_adaptive_clipping_follows_the_update_norms_and_resumes_from_the_checkpoint(tmp_path: Path) -> None:
+    """Echo sites that add 0.01·(k+1) to every coordinate send updates of norm 0.01·(k+1)·√P: all above C = 0.05."""
+    coordinator = await start_coordinator(
+        tmp_path, params=PARAMS, rounds=4, clip_norm=0.05, dp_noise_multiplier=0.5, dp_adaptive_clipping=True,
+        dp_clipped_count_stddev=0.5, start_with=4,
+    )  # fmt: skip
+    sites = [await start_echo_site(coordinator.address, k, params=PARAMS, shift=0.01 * (k + 1)) for k in range(4)]
+    try:
+        rows = await coordinator.app.run()
+    finally:
+        await stop_sites(sites)
+        await coordinator.close()
+    norms = [r["clip_norm"] for r in rows[1:]]
+    assert norms[0] == 0.05 and all(b > a for a, b in zip(norms, norms[1:]))  # every update clipped: C grows
+    assert all(abs(r["unclipped_fraction"]) < 0.6 for r in rows[1:])  # 0 of 4 within C, plus noise of 0.5/4
+    checkpoint = RunOutputs(tmp_path).load_latest_checkpoint()
+    assert float(checkpoint.metadata["dp_clip_norm"]) == coordinator.app.federation.adaptive_clip.norm > norms[-1]
+    resumed = AdaptiveClip(0.05)
+    resumed.resume(checkpoint.metadata)
+    assert resumed.norm == coordinator.app.federation.adaptive_clip.norm
+    assert rows[-1]["dp_epsilon"] == pytest.approx(PrivacyLedger(0.5, 1e-5, [(4, 4, 0.5)] * 4).epsilon())

@@ -11,12 +11,15 @@ import logging
 import socket
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 from coordinator.federation import RoundFailed
+from phalanx.v1 import trainer_pb2, trainer_pb2_grpc
 from tests.fault_proxy import FaultProxy
 from tests.harness import kill, start_coordinator, start_echo_process, start_echo_site, stop_sites, wait_until
+from trainer import service
 
 PARAMS = 3_000_000  # 12 MB: more than the socket buffers and flow-control windows hold, so a kill cuts the stream
 
@@ -184,3 +187,22 @@ async def test_network_partition_is_detected_by_keepalive_and_the_trainer_comes_
 
 def backoffs(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "coordinator unreachable" in r.getMessage()]
+
+
+async def test_a_call_that_overtakes_the_register_reply_waits_for_the_join(monkeypatch) -> None:
+    """The coordinator may call a site it has just registered before the site has read the reply."""
+    monkeypatch.setattr(service, "JOIN_GRACE_SECONDS", 0.5)
+    site = await start_echo_site("127.0.0.1:1", 0, params=1_000, register=False)
+    servicer = site.node.servicer
+    servicer._run_id, servicer._joined = "", asyncio.Event()  # as before its Register reply arrived
+    async with grpc.aio.insecure_channel(site.node.address) as channel:
+        stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as never_joined:
+            await stub.EndRun(trainer_pb2.EndRunRequest(run_id="run-1"))
+        assert never_joined.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        call = asyncio.ensure_future(stub.EndRun(trainer_pb2.EndRunRequest(run_id="run-1", reason="done")))
+        await asyncio.sleep(0.1)
+        servicer.join("run-1", 10)  # the reply arrives while the call waits
+        await call
+    assert await site.task == "done"
+    await site.node.close()

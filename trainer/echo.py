@@ -39,15 +39,22 @@ def synthetic_adapter(params: int = DEFAULT_PARAMS, tensors: int = DEFAULT_TENSO
 
 
 class EchoLearner:
-    """Returns the received adapter after `delay` seconds, checking the stop flag while it waits."""
+    """Returns the received adapter (plus `shift` in every coordinate) after `delay` seconds,
+    checking the stop flag while it waits."""
 
     def __init__(
-        self, layout_adapter: Mapping[str, np.ndarray], num_train: int = 100, num_test: int = 20, delay: float = 0.0
+        self,
+        layout_adapter: Mapping[str, np.ndarray],
+        num_train: int = 100,
+        num_test: int = 20,
+        delay: float = 0.0,
+        shift: float = 0.0,
     ) -> None:
         self.layout_adapter = layout_adapter
         self.num_train_examples = num_train
         self.num_test_examples = num_test
         self.delay = delay
+        self.shift = shift
         self.stopped_jobs = 0
 
     def train(
@@ -62,6 +69,8 @@ class EchoLearner:
     ) -> TrainOutcome:
         started = time.perf_counter()
         self._wait(stop)
+        if self.shift:
+            adapter = {name: a + np.float32(self.shift) for name, a in adapter.items()}
         return TrainOutcome(adapter, loss=1.0, steps=steps, examples_seen=steps * batch_size, seconds=time.perf_counter() - started)
 
     def evaluate(

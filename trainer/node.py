@@ -91,7 +91,7 @@ class TrainerNode:
             partition=config.partition,
             on_end_run=self.end_run,
             max_adapter_bytes=config.max_adapter_bytes,
-            secure=config.tls is not None,
+            tls=config.tls,
             limits=config.limits,
         )
         trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, self._server.grpc_server)

@@ -3,17 +3,19 @@
 Over TLS only the coordinator (a certificate with its role) is served. Every request must be for
 the run this trainer joined at registration, for a round no later than that run's last and not
 earlier than one already served, and ask for no more local work than `WorkLimits` allows.
+Secure aggregation's stages (`trainer.secure`) need the site's certificate: it signs the keys.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -21,17 +23,22 @@ import grpc
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterError, encode, layout_of
 from phalanx.identity import escaped, printable
 from phalanx.pki import ROLE_COORDINATOR
-from phalanx.rpc import require_peer
-from phalanx.streams import discard_rest, expect_end, read_adapter, status_for
+from phalanx.rpc import TlsCredentials, require_peer
+from phalanx.secagg.errors import SecAggError
+from phalanx.streams import discard_rest, expect_end, read_adapter, status_for, status_for_secagg
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import adapter_pb2, trainer_pb2, trainer_pb2_grpc
 from trainer.jobs import EvalOutcome, LocalWork, Stopped, TrainOutcome
+from trainer.secure import MASKED_TENSOR, SecureRounds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Outcome = TypeVar("Outcome", TrainOutcome, EvalOutcome)
 
 
+JOIN_GRACE_SECONDS = 5.0
+"""How long a call that comes before this trainer has heard its Register reply waits for it: the
+coordinator may call a site as soon as it has registered it, before the reply reaches the site."""
 DEFAULT_MAX_LOCAL_STEPS = 1_000
 DEFAULT_MAX_BATCH_SIZE = 256
 
@@ -53,21 +60,24 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         partition: int,
         on_end_run: Callable[[str], None],
         max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
-        secure: bool = False,
+        tls: TlsCredentials | None = None,
         limits: WorkLimits = WorkLimits(),
     ) -> None:
-        """`secure`: serve only callers whose verified certificate has the coordinator's role."""
+        """With `tls`, serve only callers whose verified certificate has the coordinator's role, and
+        take part in secure aggregation, signing with the site's certificate key."""
         self._learner = learner
         self._partition = partition
         self._on_end_run = on_end_run
         self._max_bytes = max_adapter_bytes
-        self._secure = secure
+        self._secure = tls is not None
+        self._secure_rounds = SecureRounds(tls) if tls is not None else None
         self._limits = limits
         self._expected = layout_of(learner.layout_adapter)
         # Held by the worker thread, not the event loop: a job whose call was cancelled keeps it
         # until its thread notices the stop flag, so two jobs never share the model.
         self._model_lock = threading.Lock()
         self._run_id = ""  # the run joined at registration
+        self._joined = asyncio.Event()
         self._last_round = 0
         self._latest = 0  # highest round of that run asked for
         self.last_call = -math.inf
@@ -80,8 +90,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def Train(
         self, request_iterator: AsyncIterator[trainer_pb2.TrainRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[trainer_pb2.TrainResponse]:
+        range_clipped = 0
+
         def train(header: trainer_pb2.TrainHeader, adapter: Adapter, stop: threading.Event) -> TrainOutcome:
-            return self._learner.train(
+            nonlocal range_clipped
+            outcome = self._learner.train(
                 adapter,
                 steps=header.local_steps,
                 batch_size=header.batch_size,
@@ -89,9 +102,19 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 seed=header.seed,
                 stop=stop,
             )
+            if not header.HasField("secure_aggregation"):
+                return outcome
+            assert self._secure_rounds is not None  # checked by begin_secure
+            masked = self._secure_rounds.mask(adapter, outcome.adapter, header.secure_aggregation)
+            range_clipped = masked.range_clipped
+            return replace(outcome, adapter={MASKED_TENSOR: masked.words})
 
-        header, outcome = await self._serve("train", request_iterator, context, train)
-        encoded = encode(outcome.adapter, wire_dtype=header.reply_dtype or adapter_pb2.DATA_TYPE_FLOAT32)
+        header, outcome = await self._serve("train", request_iterator, context, train, self._begin_secure)
+        secure = header.HasField("secure_aggregation")
+        encoded = encode(
+            outcome.adapter,
+            wire_dtype=adapter_pb2.DATA_TYPE_UINT32 if secure else header.reply_dtype or adapter_pb2.DATA_TYPE_FLOAT32,
+        )
         yield trainer_pb2.TrainResponse(
             result=trainer_pb2.TrainResult(
                 run_id=header.run_id,
@@ -102,6 +125,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 loss=outcome.loss,
                 seconds=outcome.seconds,
                 adapter=encoded.manifest,
+                range_clipped=range_clipped,
             )
         )
         # The coordinator ends its request stream once it has room for this adapter, so replies
@@ -139,11 +163,61 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._on_end_run(reason)
         return trainer_pb2.EndRunResponse()
 
+    async def AdvertiseKeys(
+        self, request: trainer_pb2.AdvertiseKeysRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.AdvertiseKeysResponse:
+        rounds = await self._secure_stage(request.round, context)
+        await self._check_round(request.round.round, context)
+        # Two key pairs and a signature: less than a thread hop would cost.
+        response = await self._secagg(context, rounds.advertise, request, worker=False)
+        self._latest = request.round.round
+        return response
+
+    async def ShareKeys(
+        self, request: trainer_pb2.ShareKeysRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.ShareKeysResponse:
+        rounds = await self._secure_stage(request.round, context)
+        return await self._secagg(context, rounds.share, request)
+
+    async def Unmask(self, request: trainer_pb2.UnmaskRequest, context: grpc.aio.ServicerContext) -> trainer_pb2.UnmaskResponse:
+        rounds = await self._secure_stage(request.round, context)
+        return await self._secagg(context, rounds.unmask, request, worker=False)  # picks shares out of a dict
+
+    async def _secure_stage(self, round_: trainer_pb2.SecureRound, context: grpc.aio.ServicerContext) -> SecureRounds:
+        """Check the caller and run of a secure-aggregation stage; the site's SecureRounds."""
+        await self._check_caller(context)
+        if self._secure_rounds is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "secure aggregation needs this site's certificate (--ca/--cert/--key): the site signs its keys with it",
+            )
+        await self._check_run(round_.run_id, context)
+        return self._secure_rounds
+
+    async def _begin_secure(self, header: Any, context: grpc.aio.ServicerContext) -> None:
+        """Before a securely aggregated job: check its masking parameters and take its shares."""
+        if not isinstance(header, trainer_pb2.TrainHeader) or not header.HasField("secure_aggregation"):
+            return
+        rounds = await self._secure_stage(trainer_pb2.SecureRound(run_id=header.run_id), context)
+        await self._secagg(context, rounds.begin, header.run_id, header.round, header.secure_aggregation)
+
+    async def _secagg(
+        self, context: grpc.aio.ServicerContext, step: Callable[..., T], *args: Any, worker: bool = True
+    ) -> T:
+        """Run a secure-aggregation step, in a worker thread unless it is too small to need one;
+        abort with the status that names its error."""
+        try:
+            return await asyncio.to_thread(step, *args) if worker else step(*args)
+        except SecAggError as exc:
+            log.warning("refused a secure-aggregation step: %s", exc)
+            await context.abort(status_for_secagg(exc), str(exc))
+
     def join(self, run_id: str, last_round: int) -> None:
         """Serve calls for `run_id` (rounds up to `last_round`) from now on; a new run starts its rounds afresh."""
         if run_id != self._run_id:
             self._latest = 0
         self._run_id, self._last_round = run_id, last_round
+        self._joined.set()
 
     async def _serve(
         self,
@@ -151,8 +225,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         requests: AsyncIterator,
         context: grpc.aio.ServicerContext,
         work: Callable[[Any, Adapter, threading.Event], Outcome],
+        prepare: Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]] | None = None,
     ) -> tuple[Any, Outcome]:
-        """Receive a header and adapter, check the round, run `work` in a worker thread; record it all."""
+        """Receive a header and adapter, check the round, `prepare`, run `work` in a worker thread; record it all."""
         await self._check_caller(context, requests)
         self.last_call = time.monotonic()
         try:
@@ -160,6 +235,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 header, adapter = await self._receive(requests, context)
                 span.set_attribute("fl.round", header.round)
                 await self._check_request(header, context)
+                if prepare is not None:
+                    await prepare(header, context)
                 outcome = await self._in_worker(context, lambda stop: work(header, adapter, stop))
                 examples = outcome.examples_seen if isinstance(outcome, TrainOutcome) else outcome.num_examples
                 span.set_attributes({"fl.examples": examples, "fl.loss": outcome.loss})
@@ -207,6 +284,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     async def _check_run(self, run_id: str, context: grpc.aio.ServicerContext) -> None:
         if not self._run_id:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined.wait(), JOIN_GRACE_SECONDS)
+        if not self._run_id:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this trainer has not joined a run yet")
         if run_id != self._run_id:
             await context.abort(
@@ -217,16 +297,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def _check_request(self, header: Any, context: grpc.aio.ServicerContext) -> None:
         """Refuse another run, a round past the run's last or before one already served (a replay), and too much work."""
         await self._check_run(header.run_id, context)
-        if header.round > self._last_round:
-            await context.abort(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"round {header.round} is past the last round ({self._last_round}) of run {self._run_id}",
-            )
-        if header.round < self._latest:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"round {header.round} of run {self._run_id} is closed: this trainer has already served round {self._latest}",
-            )
+        await self._check_round(header.round, context)
         limits = self._limits
         problems = []
         training = isinstance(header, trainer_pb2.TrainHeader)
@@ -240,6 +311,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if problems:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused local work: " + "; ".join(problems))
         self._latest = header.round
+
+    async def _check_round(self, round_: int, context: grpc.aio.ServicerContext) -> None:
+        """Refuse a round past the run's last, or before one already served (a replay)."""
+        if round_ > self._last_round:
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE, f"round {round_} is past the last round ({self._last_round}) of run {self._run_id}"
+            )
+        if round_ < self._latest:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {round_} of run {self._run_id} is closed: this trainer has already served round {self._latest}",
+            )
 
     async def _in_worker(self, context: grpc.aio.ServicerContext, job: Callable[[threading.Event], T]) -> T:
         """Run `job` in a worker thread, one at a time; a cancelled call sets its stop flag."""

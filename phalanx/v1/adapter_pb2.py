@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18phalanx/v1/adapter.proto\x12\nphalanx.v1\"N\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.phalanx.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x04\"O\n\x0f\x41\x64\x61pterManifest\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.phalanx.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"+\n\x0c\x41\x64\x61pterChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*\x82\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x03\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18phalanx/v1/adapter.proto\x12\nphalanx.v1\"N\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.phalanx.v1.DataType\x12\r\n\x05shape\x18\x03 \x03(\x04\"O\n\x0f\x41\x64\x61pterManifest\x12\'\n\x07tensors\x18\x01 \x03(\x0b\x32\x16.phalanx.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\"+\n\x0c\x41\x64\x61pterChunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c*\x98\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT16\x10\x02\x12\x16\n\x12\x44\x41TA_TYPE_BFLOAT16\x10\x03\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT64\x10\x04\x12\x14\n\x10\x44\x41TA_TYPE_UINT32\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phalanx.v1.adapter_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DATATYPE']._serialized_start=247
-  _globals['_DATATYPE']._serialized_end=377
+  _globals['_DATATYPE']._serialized_end=399
   _globals['_TENSORSPEC']._serialized_start=40
   _globals['_TENSORSPEC']._serialized_end=118
   _globals['_ADAPTERMANIFEST']._serialized_start=120

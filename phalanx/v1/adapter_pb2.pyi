@@ -14,11 +14,13 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DATA_TYPE_FLOAT16: _ClassVar[DataType]
     DATA_TYPE_BFLOAT16: _ClassVar[DataType]
     DATA_TYPE_FLOAT64: _ClassVar[DataType]
+    DATA_TYPE_UINT32: _ClassVar[DataType]
 DATA_TYPE_UNSPECIFIED: DataType
 DATA_TYPE_FLOAT32: DataType
 DATA_TYPE_FLOAT16: DataType
 DATA_TYPE_BFLOAT16: DataType
 DATA_TYPE_FLOAT64: DataType
+DATA_TYPE_UINT32: DataType
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")

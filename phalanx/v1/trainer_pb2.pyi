@@ -1,13 +1,14 @@
 from phalanx.v1 import adapter_pb2 as _adapter_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainHeader(_message.Message):
-    __slots__ = ("run_id", "round", "local_steps", "batch_size", "learning_rate", "seed", "reply_dtype", "adapter")
+    __slots__ = ("run_id", "round", "local_steps", "batch_size", "learning_rate", "seed", "reply_dtype", "adapter", "secure_aggregation")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +17,7 @@ class TrainHeader(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     REPLY_DTYPE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     local_steps: int
@@ -24,7 +26,28 @@ class TrainHeader(_message.Message):
     seed: int
     reply_dtype: _adapter_pb2.DataType
     adapter: _adapter_pb2.AdapterManifest
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., reply_dtype: _Optional[_Union[_adapter_pb2.DataType, str]] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ...) -> None: ...
+    secure_aggregation: SecureAggregation
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., reply_dtype: _Optional[_Union[_adapter_pb2.DataType, str]] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ...) -> None: ...
+
+class SecureAggregation(_message.Message):
+    __slots__ = ("attempt", "shares", "weight_share", "clip_range", "clip_norm", "noise_std", "count_unclipped", "count_noise_std")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
+    CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    NOISE_STD_FIELD_NUMBER: _ClassVar[int]
+    COUNT_UNCLIPPED_FIELD_NUMBER: _ClassVar[int]
+    COUNT_NOISE_STD_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShares]
+    weight_share: float
+    clip_range: float
+    clip_norm: float
+    noise_std: float
+    count_unclipped: bool
+    count_noise_std: float
+    def __init__(self, attempt: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[SealedShares, _Mapping]]] = ..., weight_share: _Optional[float] = ..., clip_range: _Optional[float] = ..., clip_norm: _Optional[float] = ..., noise_std: _Optional[float] = ..., count_unclipped: _Optional[bool] = ..., count_noise_std: _Optional[float] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("header", "chunk")
@@ -35,7 +58,7 @@ class TrainRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[TrainHeader, _Mapping]] = ..., chunk: _Optional[_Union[_adapter_pb2.AdapterChunk, _Mapping]] = ...) -> None: ...
 
 class TrainResult(_message.Message):
-    __slots__ = ("run_id", "round", "num_examples", "examples_seen", "steps", "loss", "seconds", "adapter")
+    __slots__ = ("run_id", "round", "num_examples", "examples_seen", "steps", "loss", "seconds", "adapter", "range_clipped")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +67,7 @@ class TrainResult(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    RANGE_CLIPPED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     num_examples: int
@@ -52,7 +76,8 @@ class TrainResult(_message.Message):
     loss: float
     seconds: float
     adapter: _adapter_pb2.AdapterManifest
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., examples_seen: _Optional[int] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., seconds: _Optional[float] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ...) -> None: ...
+    range_clipped: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., examples_seen: _Optional[int] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., seconds: _Optional[float] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ..., range_clipped: _Optional[int] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
     __slots__ = ("result", "chunk")
@@ -111,3 +136,95 @@ class EndRunRequest(_message.Message):
 class EndRunResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SecureRound(_message.Message):
+    __slots__ = ("run_id", "round", "attempt")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    attempt: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class AdvertiseKeysRequest(_message.Message):
+    __slots__ = ("round", "participants", "neighbours", "threshold")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    round: SecureRound
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    neighbours: int
+    threshold: int
+    def __init__(self, round: _Optional[_Union[SecureRound, _Mapping]] = ..., participants: _Optional[_Iterable[str]] = ..., neighbours: _Optional[int] = ..., threshold: _Optional[int] = ...) -> None: ...
+
+class SignedKeys(_message.Message):
+    __slots__ = ("site", "cipher_public_key", "mask_public_key", "seed_commitment", "signature", "certificate")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    CIPHER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    SEED_COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    cipher_public_key: bytes
+    mask_public_key: bytes
+    seed_commitment: bytes
+    signature: bytes
+    certificate: bytes
+    def __init__(self, site: _Optional[str] = ..., cipher_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ..., seed_commitment: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., certificate: _Optional[bytes] = ...) -> None: ...
+
+class AdvertiseKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: SignedKeys
+    def __init__(self, keys: _Optional[_Union[SignedKeys, _Mapping]] = ...) -> None: ...
+
+class ShareKeysRequest(_message.Message):
+    __slots__ = ("round", "neighbours")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBOURS_FIELD_NUMBER: _ClassVar[int]
+    round: SecureRound
+    neighbours: _containers.RepeatedCompositeFieldContainer[SignedKeys]
+    def __init__(self, round: _Optional[_Union[SecureRound, _Mapping]] = ..., neighbours: _Optional[_Iterable[_Union[SignedKeys, _Mapping]]] = ...) -> None: ...
+
+class SealedShares(_message.Message):
+    __slots__ = ("site", "ciphertext")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    ciphertext: bytes
+    def __init__(self, site: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class ShareKeysResponse(_message.Message):
+    __slots__ = ("shares",)
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    shares: _containers.RepeatedCompositeFieldContainer[SealedShares]
+    def __init__(self, shares: _Optional[_Iterable[_Union[SealedShares, _Mapping]]] = ...) -> None: ...
+
+class UnmaskRequest(_message.Message):
+    __slots__ = ("round", "survivors", "dropped")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    round: SecureRound
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[_Union[SecureRound, _Mapping]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("site", "share")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    share: bytes
+    def __init__(self, site: _Optional[str] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskResponse(_message.Message):
+    __slots__ = ("seed_shares", "key_shares")
+    SEED_SHARES_FIELD_NUMBER: _ClassVar[int]
+    KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    seed_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    key_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, seed_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., key_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...

@@ -54,6 +54,21 @@ class TrainerServiceStub:
                 request_serializer=phalanx_dot_v1_dot_trainer__pb2.EndRunRequest.SerializeToString,
                 response_deserializer=phalanx_dot_v1_dot_trainer__pb2.EndRunResponse.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/phalanx.v1.TrainerService/AdvertiseKeys',
+                request_serializer=phalanx_dot_v1_dot_trainer__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=phalanx_dot_v1_dot_trainer__pb2.AdvertiseKeysResponse.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/phalanx.v1.TrainerService/ShareKeys',
+                request_serializer=phalanx_dot_v1_dot_trainer__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=phalanx_dot_v1_dot_trainer__pb2.ShareKeysResponse.FromString,
+                _registered_method=True)
+        self.Unmask = channel.unary_unary(
+                '/phalanx.v1.TrainerService/Unmask',
+                request_serializer=phalanx_dot_v1_dot_trainer__pb2.UnmaskRequest.SerializeToString,
+                response_deserializer=phalanx_dot_v1_dot_trainer__pb2.UnmaskResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -90,6 +105,34 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (SecAgg+), stage 1 of a round: the site makes the round's key pairs and
+        self-mask seed, and returns its public keys signed with its certificate key. A round (and
+        attempt) no later than one already keyed is FAILED_PRECONDITION; bad parameters, or a
+        participant list without this site, INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Stage 2: the site checks its neighbours' signed keys (PERMISSION_DENIED if one is not signed
+        by its site's certificate for this round) and returns its shares, encrypted to each of them.
+        Stage 3 is Train, whose header then carries the neighbours' shares for this site.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmask(self, request, context):
+        """Stage 4: given the sites whose masked input arrived and those that dropped, the site reveals
+        its self-mask share of each surviving neighbour and its mask-key share of each dropped one,
+        once per round (FAILED_PRECONDITION after that), so it never reveals both of one peer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +150,21 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.EndRun,
                     request_deserializer=phalanx_dot_v1_dot_trainer__pb2.EndRunRequest.FromString,
                     response_serializer=phalanx_dot_v1_dot_trainer__pb2.EndRunResponse.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=phalanx_dot_v1_dot_trainer__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=phalanx_dot_v1_dot_trainer__pb2.AdvertiseKeysResponse.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=phalanx_dot_v1_dot_trainer__pb2.ShareKeysRequest.FromString,
+                    response_serializer=phalanx_dot_v1_dot_trainer__pb2.ShareKeysResponse.SerializeToString,
+            ),
+            'Unmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmask,
+                    request_deserializer=phalanx_dot_v1_dot_trainer__pb2.UnmaskRequest.FromString,
+                    response_serializer=phalanx_dot_v1_dot_trainer__pb2.UnmaskResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -195,6 +253,87 @@ class TrainerService:
             '/phalanx.v1.TrainerService/EndRun',
             phalanx_dot_v1_dot_trainer__pb2.EndRunRequest.SerializeToString,
             phalanx_dot_v1_dot_trainer__pb2.EndRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phalanx.v1.TrainerService/AdvertiseKeys',
+            phalanx_dot_v1_dot_trainer__pb2.AdvertiseKeysRequest.SerializeToString,
+            phalanx_dot_v1_dot_trainer__pb2.AdvertiseKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phalanx.v1.TrainerService/ShareKeys',
+            phalanx_dot_v1_dot_trainer__pb2.ShareKeysRequest.SerializeToString,
+            phalanx_dot_v1_dot_trainer__pb2.ShareKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phalanx.v1.TrainerService/Unmask',
+            phalanx_dot_v1_dot_trainer__pb2.UnmaskRequest.SerializeToString,
+            phalanx_dot_v1_dot_trainer__pb2.UnmaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
