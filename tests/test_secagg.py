@@ -477,12 +477,16 @@ def test_server_stages_out_of_order_or_twice_are_refused(fed: Federation) -> Non
         server.accept_masked(name, words[name])
     with pytest.raises(OutOfOrder, match="twice"):
         server.accept_masked(a, words[a])
+    with pytest.raises(OutOfOrder, match="after masked inputs began"):
+        server.accept_shares(NAMES[4], sealed[NAMES[4]])
     with pytest.raises(OutOfOrder):
         server.result()
     survivors, dropped = server.start_unmask(3)
     with pytest.raises(OutOfOrder, match="after unmasking began"):
         server.accept_masked(NAMES[4], words[NAMES[4]])  # a late input cannot join once the lists are out
-    assert server.start_unmask(3) == (survivors, dropped) == (list(NAMES[:4]), [NAMES[4]])
+    assert (survivors, dropped) == (list(NAMES[:4]), [NAMES[4]])
+    with pytest.raises(OutOfOrder, match="has begun already"):
+        server.start_unmask(3)  # the lists go out once
     revealed = rnd.sites[a].unmask(survivors, dropped)
     server.accept_revealed(a, *revealed)
     with pytest.raises(OutOfOrder, match="twice"):

@@ -12,7 +12,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -118,14 +118,7 @@ class SiteRound:
         unsigned = SignedKeys(
             site, public_bytes(self._cipher), public_bytes(self._mask), commit, b"", signer.certificate
         )
-        self._keys = SignedKeys(
-            site,
-            unsigned.cipher_key,
-            unsigned.mask_key,
-            commit,
-            signer.sign(unsigned.message(context)),
-            signer.certificate,
-        )
+        self._keys = replace(unsigned, signature=signer.sign(unsigned.message(context)))
         self._peers: dict[str, SignedKeys] = {}
         self._agreed: dict[str, bytes] = {}  # X25519 agreement with each peer's cipher key
         self._received: dict[str, _Received] = {}
@@ -237,6 +230,7 @@ class SiteRound:
         seeds = {name: r.seed_share for name, r in self._received.items() if name in alive}
         keys = {name: r.key_share for name, r in self._received.items() if name in gone}
         self._received.clear()
+        self._agreed.clear()
         return seeds, keys
 
     def _expect(self, stage: str, step: str) -> None:
@@ -291,6 +285,8 @@ class ServerRound:
 
     def accept_shares(self, site: str, sealed: Mapping[str, bytes]) -> None:
         """Keep `site`'s encrypted shares: one per keyed neighbour, each SEALED_BYTES long."""
+        if self._masked:
+            raise OutOfOrder(f"site {site} sent shares after masked inputs began to arrive")
         if site not in self.keys or site in self._sealed:
             raise OutOfOrder(f"site {site} sent shares without keys, or twice")
         expected = {k.site for k in self.keys_for(site)}
@@ -319,6 +315,8 @@ class ServerRound:
 
     def start_unmask(self, min_survivors: int) -> tuple[list[str], list[str]]:
         """Close the inputs: the survivors and the dropped (shared, no input), to ask every site for their shares."""
+        if self._unmasking is not None:
+            raise OutOfOrder("unmasking has begun already")
         survivors = self.survivors
         need = max(min_survivors, self.setup.threshold)
         if len(survivors) < need:
