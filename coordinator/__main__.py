@@ -35,6 +35,7 @@ from coordinator.aggregation import AGGREGATORS
 from coordinator.config import CoordinatorConfig, RoundConfig
 from coordinator.registry import RegistryLimits
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, WIRE_DTYPES
+from phalanx.privacy import ACCOUNTANTS
 from phalanx.rpc import TlsCredentials, check_plaintext
 
 log = logging.getLogger("coordinator")
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="clip each update coordinate to ±this before quantising; 0: --clip-norm plus the noise's tail, or 1",
     )  # fmt: skip
     privacy.add_argument(
+        "--dp-accountant", choices=ACCOUNTANTS, default="rdp",
+        help="RDP, or PLD (tighter; needs --fraction-train 1: it has no event for sampling without replacement)",
+    )  # fmt: skip
+    privacy.add_argument(
         "--dp-adaptive-clipping", action="store_true",
         help="start at --clip-norm and move it each round towards --dp-target-quantile of the update norms",
     )  # fmt: skip
@@ -146,6 +151,10 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tls: Tls
             (args.aggregator == "fedavg", "differential privacy works with --aggregator fedavg only"),
             (not args.deterministic, "--deterministic cannot reproduce DP noise, which is drawn fresh every round"),
             (0 < args.dp_target_quantile < 1, "--dp-target-quantile must be in (0, 1)"),
+            (
+                args.dp_accountant == "rdp" or args.fraction_train == 1,
+                "--dp-accountant pld needs --fraction-train 1: it cannot account sampling without replacement",
+            ),
             (args.dp_clip_lr > 0 and args.dp_clipped_count_stddev >= 0, "--dp-clip-lr must be positive, the count noise not negative"),
         ]
     elif args.dp_adaptive_clipping:
@@ -195,6 +204,7 @@ def round_config(args: argparse.Namespace) -> RoundConfig:
         dp_noise_multiplier=args.dp_noise_multiplier,
         dp_delta=args.dp_delta,
         dp_target_epsilon=args.dp_target_epsilon,
+        dp_accountant=args.dp_accountant,
         dp_adaptive_clipping=args.dp_adaptive_clipping,
         dp_target_quantile=args.dp_target_quantile,
         dp_clip_lr=args.dp_clip_lr,

@@ -49,6 +49,8 @@ class RoundConfig:
     """Privacy budget at dp_delta: the noise is calibrated to it when dp_noise_multiplier is 0, else the run
     stops before a round that would pass it; 0 sets no budget."""
 
+    dp_accountant: str = "rdp"
+    """"rdp", or "pld" (tighter) for runs that sample every site each round (fraction_train 1)."""
     dp_adaptive_clipping: bool = False
     """Move the clip norm each round towards dp_target_quantile of the update norms (Andrew et al. 2019)."""
     dp_target_quantile: float = 0.5

@@ -182,7 +182,9 @@ class Federation:
         self.state = coordinator_pb2.RUN_STATE_WAITING
         self._stop_requested = False
         rounds = config.rounds
-        self.privacy = PrivacyLedger(rounds.dp_noise_multiplier, rounds.dp_delta, []) if rounds.private else None
+        self.privacy = (
+            PrivacyLedger(rounds.dp_noise_multiplier, rounds.dp_delta, [], rounds.dp_accountant) if rounds.private else None
+        )
         self.adaptive_clip: AdaptiveClip | None = None
         if self.privacy is not None and rounds.dp_adaptive_clipping:
             self.adaptive_clip = AdaptiveClip(

@@ -288,3 +288,14 @@ def test_assembler_names_the_non_finite_tensor_in_any_wire_dtype(dtype: str) -> 
     assert np.isnan(assembler.finish()["w"][1])  # decoding alone keeps the values
     with pytest.raises(AdapterError, match="tensor 'w' has 2 non-finite values"):
         assembler.finish(require_finite=True)
+
+
+def test_masked_words_travel_as_uint32_but_never_pass_for_an_adapter() -> None:
+    words = {"secagg.masked": np.array([0, 1, 2**31, 2**32 - 1], dtype=np.uint32)}
+    encoded = encode(words, pb.DATA_TYPE_UINT32)
+    decoded = decode(encoded.manifest, encoded.chunks, expected=layout_of(words, pb.DATA_TYPE_UINT32))
+    assert decoded["secagg.masked"].dtype == np.uint32 and np.array_equal(decoded["secagg.masked"], words["secagg.masked"])
+    # A trainer takes the global adapter in any float wire dtype, but not as integers.
+    adapter = {"secagg.masked": np.zeros(4, dtype=np.float32)}
+    with pytest.raises(AdapterError, match="has uint32, expected float32"):
+        check_layout(layout_of(words, pb.DATA_TYPE_UINT32), layout_of(adapter), match_dtype=False)

@@ -49,12 +49,14 @@ ITEMSIZE = {
     pb.DATA_TYPE_FLOAT16: 2,
     pb.DATA_TYPE_BFLOAT16: 2,
     pb.DATA_TYPE_FLOAT64: 8,
+    pb.DATA_TYPE_UINT32: 4,  # masked words under secure aggregation
 }
 DECODED = {
     pb.DATA_TYPE_FLOAT32: np.float32,
     pb.DATA_TYPE_FLOAT16: np.float16,
     pb.DATA_TYPE_BFLOAT16: np.float32,
     pb.DATA_TYPE_FLOAT64: np.float64,
+    pb.DATA_TYPE_UINT32: np.uint32,
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -75,7 +77,7 @@ def fuzz(examples: int) -> Callable[[F], F]:
 TEXT = st.characters(exclude_categories=["Cs"])  # protobuf strings are UTF-8: no lone surrogates
 NAMES = st.sampled_from(["w", "a.lora_A.weight", ""]) | st.text(TEXT, max_size=6)
 KNOWN_DTYPES = st.sampled_from(sorted(ITEMSIZE))
-DTYPES = KNOWN_DTYPES | st.sampled_from([0, 5, 99, -1]) | st.integers(-(2**31), 2**31 - 1)
+DTYPES = KNOWN_DTYPES | st.sampled_from([0, 6, 99, -1]) | st.integers(-(2**31), 2**31 - 1)
 HUGE_DIMS = st.sampled_from([2**31, 2**32, 2**63, 2**64 - 1])
 DIMS = st.integers(0, 6) | HUGE_DIMS | st.integers(0, 2**64 - 1)
 Spec = tuple[str, int, list[int]]
