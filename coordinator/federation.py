@@ -29,11 +29,11 @@ from phalanx.secagg import messages
 from phalanx.secagg.errors import SecAggError
 from phalanx.secagg.keys import Context, Verifier
 from phalanx.secagg.masks import dequantise
+from phalanx.secagg.messages import MASKED_TENSOR
 from phalanx.secagg.protocol import ServerRound, Setup
 from phalanx.streams import status_for, status_for_secagg
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import adapter_pb2, coordinator_pb2, trainer_pb2
-from trainer.secure import MASKED_TENSOR
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MASKED_TENSOR = "secagg.masked"
-"""The one tensor of a securely aggregated Train reply: the masked words, uint32."""
-
 
 @dataclass(frozen=True)
 class MaskedUpdate:

@@ -25,11 +25,12 @@ from phalanx.identity import escaped, printable
 from phalanx.pki import ROLE_COORDINATOR
 from phalanx.rpc import TlsCredentials, require_peer
 from phalanx.secagg.errors import SecAggError
+from phalanx.secagg.messages import MASKED_TENSOR
 from phalanx.streams import discard_rest, expect_end, read_adapter, status_for, status_for_secagg
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import adapter_pb2, trainer_pb2, trainer_pb2_grpc
 from trainer.jobs import EvalOutcome, LocalWork, Stopped, TrainOutcome
-from trainer.secure import MASKED_TENSOR, SecureRounds
+from trainer.secure import SecureRounds
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

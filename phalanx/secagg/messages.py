@@ -15,6 +15,9 @@ from phalanx.secagg.keys import Context, SignedKeys
 from phalanx.secagg.protocol import MAX_PARTICIPANTS
 from phalanx.v1 import trainer_pb2
 
+MASKED_TENSOR = "secagg.masked"
+"""The one tensor of a securely aggregated Train reply: the masked words, uint32."""
+
 
 def context_of(message: trainer_pb2.SecureRound) -> Context:
     return Context(message.run_id, message.round, message.attempt)
