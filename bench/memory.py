@@ -62,7 +62,7 @@ async def coordinate(case: Case, rounds: int) -> dict[str, int]:
             print("address", await app.start(), flush=True)
             await app.registry.wait_for(case.trainers, REGISTER_TIMEOUT_SECONDS)
             baseline = psutil.Process().memory_info().rss
-            await app.run()
+            await app.execute()
             after = psutil.Process().memory_info().rss
         finally:
             await app.close("finished")

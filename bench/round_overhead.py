@@ -58,7 +58,7 @@ from bench import grpc_floor
 from bench.common import DEFAULT_PARAMS, header
 from coordinator.app import CoordinatorApp
 from coordinator.config import CoordinatorConfig, RoundConfig
-from coordinator.federation import RoundFailed
+from coordinator.run import RoundFailed
 from coordinator.outputs import RunOutputs
 from phalanx.codec import WIRE_DTYPES, encode
 from phalanx.pki import COORDINATOR_NAME, provision
@@ -209,10 +209,10 @@ def create_coordinator(
 
 
 async def run_or_fail(app: CoordinatorApp, trainers: int) -> list[dict[str, Any]]:
-    """`app.run()`, with trainers that never registered (e.g. lost to connection set-up) raised as
+    """`app.execute()`, with trainers that never registered (e.g. lost to connection set-up) raised as
     RoundFailed, so the case prints as FAILED like a round with a missing reply."""
     try:
-        return await app.run()
+        return await app.execute()
     except TimeoutError:
         live = len(app.registry.live())
         raise RoundFailed(

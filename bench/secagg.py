@@ -51,7 +51,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from bench.common import DEFAULT_PARAMS, header
 from bench.round_overhead import Case, Figures, figures, int_list, run_case, versions
-from coordinator.federation import RoundFailed
+from coordinator.run import RoundFailed
 
 TRAINERS = (10, 50, 100)
 PARAMS = (DEFAULT_PARAMS, 1_200_000)

@@ -4,6 +4,13 @@ Trainers register with this process; it runs --rounds federated rounds over them
 metrics.jsonl, checkpoints/ and the final PEFT adapter/ into --out. With --spawn-trainers N it
 also starts N local trainers on partitions 0..N-1 of --data, so one command runs a whole
 federation. A run whose --out holds a checkpoint resumes after its last completed round.
+
+With --serve it keeps the federation instead and runs what is submitted to it, several at once,
+with its state in --state-dir (runs, rows, checkpoints, logs) and JSON status on --http:
+
+    python -m coordinator --serve --listen 127.0.0.1:50051 --http 127.0.0.1:8080 --state-dir state
+    python -m coordinator submit RUN.toml       # prints the run id last
+    python -m coordinator runs | stop RUN_ID | logs RUN_ID [--follow]
 """
 
 from __future__ import annotations
@@ -31,14 +38,15 @@ from phalanx.cli import (
     parse_with_config,
     tls_credentials,
 )
-from coordinator.aggregation import AGGREGATORS
-from coordinator.config import CoordinatorConfig, RoundConfig
+from coordinator.config import CoordinatorConfig, FederationConfig
 from coordinator.registry import RegistryLimits
-from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, WIRE_DTYPES
-from phalanx.privacy import ACCOUNTANTS
+from coordinator.run_config import add_run_arguments, round_config, run_problems
+from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
+from phalanx.identity import check_address, is_loopback
 from phalanx.rpc import TlsCredentials, check_plaintext
 
 log = logging.getLogger("coordinator")
+ADMIN_COMMANDS = ("submit", "runs", "stop", "logs")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,80 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--max-trainers", type=int, default=RegistryLimits.max_trainers, help="most registered trainers at once"
     )
-    rounds = parser.add_argument_group("rounds")
-    rounds.add_argument("--rounds", type=int, default=8, help="federated rounds")
-    rounds.add_argument("--min-trainers", type=int, default=2, help="trainers needed to start and to accept a round")
-    rounds.add_argument("--fraction-train", type=float, default=1.0, help="share of live trainers sampled per round")
-    rounds.add_argument("--fraction-evaluate", type=float, default=1.0, help="share of live trainers that evaluate")
-    rounds.add_argument("--local-steps", type=int, default=15, help="optimizer steps per trainer per round")
-    rounds.add_argument("--batch-size", type=int, default=32, help="training batch size")
-    rounds.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    rounds.add_argument("--eval-max-examples", type=int, default=400, help="test examples per trainer (0: all)")
-    rounds.add_argument("--round-timeout", type=float, default=300.0, help="seconds a trainer has to answer a call")
-    rounds.add_argument("--round-retries", type=int, default=0, help="times a failed round is tried again")
-    rounds.add_argument("--aggregator", choices=AGGREGATORS, default="fedavg", help="aggregation strategy")
-    rounds.add_argument("--trim", type=float, default=0.2, help="share cut at each end per coordinate by trimmed-mean")
-    rounds.add_argument("--clip-norm", type=float, default=0.0, help="clip each update's L2 norm to this (0: off)")
-    rounds.add_argument(
-        "--deterministic", action="store_true", help="fold replies in a fixed order: bit-identical reruns, more memory"
-    )
-    rounds.add_argument("--wire-dtype", choices=sorted(WIRE_DTYPES), default="float32", help="adapter dtype on the wire")
-    privacy = parser.add_argument_group(
-        "differential privacy", "site-level DP-FedAvg: updates clipped to --clip-norm, uniform weights, Gaussian noise"
-    )
-    privacy.add_argument(
-        "--dp-noise-multiplier", type=float, default=0.0, help="noise std over --clip-norm on the sum of updates (0: off)"
-    )
-    privacy.add_argument("--dp-delta", type=float, default=1e-5, help="δ of the (ε, δ) guarantee reported")
-    privacy.add_argument(
-        "--dp-target-epsilon", type=float, default=0.0,
-        help="budget: stop before a round that would pass it; without --dp-noise-multiplier, calibrate the noise to it",
-    )  # fmt: skip
-    secure = parser.add_argument_group(
-        "secure aggregation", "SecAgg+: sites mask their updates so the coordinator learns only the weighted sum"
-    )
-    secure.add_argument("--secure-aggregation", action="store_true", help="mask every round's training replies")
-    secure.add_argument(
-        "--secagg-neighbours", type=int, default=0, help="neighbours per site (k, even unless all); 0: from the sites sampled"
-    )
-    secure.add_argument("--secagg-threshold", type=int, default=0, help="shares that recover a secret (t > k/2); 0: ⌈2k/3⌉")
-    secure.add_argument(
-        "--secagg-range", type=float, default=0.0,
-        help="clip each update coordinate to ±this before quantising; 0: --clip-norm plus the noise's tail, or 1",
-    )  # fmt: skip
-    privacy.add_argument(
-        "--dp-accountant", choices=ACCOUNTANTS, default="rdp",
-        help="RDP, or PLD (tighter; needs --fraction-train 1: it has no event for sampling without replacement)",
-    )  # fmt: skip
-    privacy.add_argument(
-        "--dp-adaptive-clipping", action="store_true",
-        help="start at --clip-norm and move it each round towards --dp-target-quantile of the update norms",
-    )  # fmt: skip
-    privacy.add_argument("--dp-target-quantile", type=float, default=0.5, help="share of updates adaptive clipping leaves unclipped")
-    privacy.add_argument("--dp-clip-lr", type=float, default=0.2, help="adaptive clipping's geometric step size")
-    privacy.add_argument(
-        "--dp-clipped-count-stddev", type=float, default=0.0, help="noise on the count of unclipped updates; 0: max(m/20, z)"
-    )
+    serving = parser.add_argument_group("serving", "a federation that runs what is submitted to it (see above)")
+    serving.add_argument("--serve", action="store_true", help="keep the federation and serve submitted runs")
+    serving.add_argument("--state-dir", type=Path, default=Path("phalanx-state"), help="runs, rows, checkpoints and logs")
+    serving.add_argument("--http", default="", help="serve JSON status on HOST:PORT (port 0: a free port); off if empty")
+    serving.add_argument("--max-runs", type=int, default=4, help="runs executed at once; later ones wait, pending")
+    add_run_arguments(parser)
     add_common_arguments(parser)
     return parser
 
 
 def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tls: TlsCredentials | None) -> None:
     checks = [
-        (args.rounds >= 1, "--rounds must be at least 1"),
-        (args.min_trainers >= 1, "--min-trainers must be at least 1"),
-        (0 < args.fraction_train <= 1, "--fraction-train must be in (0, 1]"),
-        (0 < args.fraction_evaluate <= 1, "--fraction-evaluate must be in (0, 1]"),
-        (args.local_steps >= 1, "--local-steps must be at least 1"),
-        (args.round_timeout > 0, "--round-timeout must be positive"),
         (args.max_transfers >= 1, "--max-transfers must be at least 1"),
-        (args.round_retries >= 0, "--round-retries cannot be negative"),
-        (0 <= args.trim < 0.5, "--trim must be in [0, 0.5)"),
-        (args.clip_norm >= 0, "--clip-norm cannot be negative"),
         (args.shutdown_grace >= 0, "--shutdown-grace cannot be negative"),
         (args.spawn_trainers >= 0, "--spawn-trainers cannot be negative"),
         (
-            args.spawn_trainers == 0 or args.spawn_trainers >= args.min_trainers,
+            args.spawn_trainers == 0 or args.serve or args.spawn_trainers >= args.min_trainers,
             "--spawn-trainers must be at least --min-trainers",
         ),
         (args.max_trainers >= 1, "--max-trainers must be at least 1"),
@@ -142,78 +93,22 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace, tls: Tls
             args.spawn_trainers == 0 or not any([args.ca, args.cert, args.key]),
             "--spawn-trainers provisions its own throwaway CA under --out; drop --ca/--cert/--key",
         ),
-        (args.dp_noise_multiplier >= 0 and args.dp_target_epsilon >= 0, "DP settings cannot be negative"),
-        (0 < args.dp_delta < 1, "--dp-delta must be in (0, 1)"),
+        (args.max_runs >= 1, "--max-runs must be at least 1"),
+        (not args.http or args.serve, "--http needs --serve"),
     ]
-    if args.dp_noise_multiplier > 0 or args.dp_target_epsilon > 0:
-        checks += [
-            (args.clip_norm > 0, "differential privacy needs --clip-norm C, the bound on each site's update"),
-            (args.aggregator == "fedavg", "differential privacy works with --aggregator fedavg only"),
-            (not args.deterministic, "--deterministic cannot reproduce DP noise, which is drawn fresh every round"),
-            (0 < args.dp_target_quantile < 1, "--dp-target-quantile must be in (0, 1)"),
-            (
-                args.dp_accountant == "rdp" or args.fraction_train == 1,
-                "--dp-accountant pld needs --fraction-train 1: it cannot account sampling without replacement",
-            ),
-            (args.dp_clip_lr > 0 and args.dp_clipped_count_stddev >= 0, "--dp-clip-lr must be positive, the count noise not negative"),
-        ]
-    elif args.dp_adaptive_clipping:
-        checks.append((False, "--dp-adaptive-clipping needs differential privacy (--dp-noise-multiplier or --dp-target-epsilon)"))
-    if args.secure_aggregation:
-        checks += [
-            (
-                args.aggregator == "fedavg",
-                f"--aggregator {args.aggregator} needs each site's update; secure aggregation gives only their sum",
-            ),
-            (
-                tls is not None or (args.spawn_trainers > 0 and not args.insecure),
-                "secure aggregation needs certificates (--ca/--cert/--key, or --spawn-trainers without --insecure): "
-                "sites sign their keys with them",
-            ),
-            (args.secagg_neighbours >= 0 and args.secagg_threshold >= 0, "--secagg-neighbours/-threshold cannot be negative"),
-            (args.secagg_range >= 0, "--secagg-range cannot be negative"),
-        ]
     for ok, message in checks:
         if not ok:
+            parser.error(message)
+    if not args.serve:
+        for message in run_problems(args, can_sign=tls is not None or (args.spawn_trainers > 0 and not args.insecure)):
             parser.error(message)
     try:
         # --spawn-trainers provisions its own certificates unless --insecure: either way plaintext is chosen or avoided.
         check_plaintext(args.listen, tls, args.insecure or args.spawn_trainers > 0, listening=True)
+        if args.http:
+            check_plaintext(args.http, tls, args.insecure or args.spawn_trainers > 0, listening=True)
     except ValueError as exc:  # TlsError, or an address that is not host:port
         parser.error(str(exc))
-
-
-def round_config(args: argparse.Namespace) -> RoundConfig:
-    return RoundConfig(
-        rounds=args.rounds,
-        min_trainers=args.min_trainers,
-        fraction_train=args.fraction_train,
-        fraction_evaluate=args.fraction_evaluate,
-        local_steps=args.local_steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        eval_max_examples=args.eval_max_examples,
-        round_timeout=args.round_timeout,
-        aggregator=args.aggregator,
-        trim=args.trim,
-        clip_norm=args.clip_norm,
-        deterministic=args.deterministic,
-        round_retries=args.round_retries,
-        wire_dtype=args.wire_dtype,
-        seed=args.seed,
-        dp_noise_multiplier=args.dp_noise_multiplier,
-        dp_delta=args.dp_delta,
-        dp_target_epsilon=args.dp_target_epsilon,
-        dp_accountant=args.dp_accountant,
-        dp_adaptive_clipping=args.dp_adaptive_clipping,
-        dp_target_quantile=args.dp_target_quantile,
-        dp_clip_lr=args.dp_clip_lr,
-        dp_clipped_count_stddev=args.dp_clipped_count_stddev,
-        secure_aggregation=args.secure_aggregation,
-        secagg_neighbours=args.secagg_neighbours,
-        secagg_threshold=args.secagg_threshold,
-        secagg_range=args.secagg_range,
-    )
 
 
 def clear_outputs(out: Path) -> None:
@@ -227,7 +122,7 @@ def clear_outputs(out: Path) -> None:
 
 async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> int:
     from coordinator.app import CoordinatorApp
-    from coordinator.federation import RoundFailed
+    from coordinator.run import RoundFailed
     from coordinator.outputs import RunOutputs
     from coordinator.report import Report
     from coordinator.spawn import TrainerProcesses, provision_spawned
@@ -289,7 +184,7 @@ async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> in
     try:
         address = await app.start()
         report.say(f"Coordinator listening on {address}; waiting for {max(args.min_trainers, args.spawn_trainers)} trainers.")
-        run = asyncio.ensure_future(app.run())
+        run = asyncio.ensure_future(app.execute())
         loop = asyncio.get_running_loop()
 
         def stop(sig: signal.Signals) -> None:
@@ -320,13 +215,13 @@ async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> in
         await run
         if stopped_by:
             raise asyncio.CancelledError
-        await asyncio.to_thread(save_adapter, model, app.federation.adapter, outputs.adapter_dir)
-        report.summary(outputs.read_metrics(), str(args.out), time.perf_counter() - started, app.federation.stop_reason)
+        await asyncio.to_thread(save_adapter, model, app.run.adapter, outputs.adapter_dir)
+        report.summary(outputs.read_metrics(), str(args.out), time.perf_counter() - started, app.run.stop_reason)
         exit_code = 0
     except asyncio.CancelledError:
         if not stopped_by:
             raise
-        done = app.federation.completed_rounds
+        done = app.run.completed_rounds
         report.say(f"Stopped by {stopped_by[0]} after round {done}; run again with the same --out to resume.")
         exit_code = 0 if stopped_by[0] == "SIGTERM" else 130
     except RoundFailed as exc:
@@ -343,12 +238,78 @@ async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> in
     return exit_code
 
 
+async def serve(args: argparse.Namespace, tls: TlsCredentials | None) -> int:
+    """Serve the federation and its runs until SIGINT or SIGTERM; the runs in flight resume at the next start."""
+    from coordinator.admin import AdminAccess, RunServicer
+    from coordinator.http import StatusServer
+    from coordinator.serving import ServingCoordinator
+    from coordinator.spawn import TrainerProcesses, provision_spawned
+    from phalanx.telemetry import Telemetry
+    from phalanx.v1 import run_pb2_grpc
+
+    spawn_pki = None
+    if args.spawn_trainers and not args.insecure:
+        spawn_pki = await asyncio.to_thread(provision_spawned, args.state_dir / "pki", args.spawn_trainers, args.listen)
+        tls = spawn_pki.coordinator
+    config = FederationConfig(
+        listen=args.listen,
+        max_adapter_bytes=args.max_adapter_bytes,
+        max_transfers=args.max_transfers,
+        tls=tls,
+        insecure=args.insecure,
+        allow_sites=args.allow_sites,
+        registry=RegistryLimits(max_trainers=args.max_trainers),
+    )
+    hosts = [check_address(a, listening=True)[0] for a in (args.listen, args.http) if a]
+    access = AdminAccess(tls=tls is not None, loopback_only=all(is_loopback(h) for h in hosts))
+    telemetry = Telemetry.create("phalanx-coordinator")
+    coordinator = ServingCoordinator(config, telemetry, args.state_dir, max_runs=args.max_runs, can_sign=tls is not None)
+    run_pb2_grpc.add_RunServiceServicer_to_server(RunServicer(coordinator, access), coordinator.federation.server.grpc_server)
+    status = StatusServer(coordinator, access, tls) if args.http else None
+    spawned: TrainerProcesses | None = None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        address = await coordinator.start()
+        print(f"Coordinator serving runs on {address}; state in {args.state_dir}", flush=True)
+        if status is not None:
+            print(f"Status over HTTP at {await status.start(args.http)}", flush=True)
+        if not access.open and not access.tls:
+            print("Admin calls are refused: without TLS only a loopback-only coordinator takes them.", flush=True)
+        if args.spawn_trainers:
+            threads = args.trainer_threads or max(1, (os.cpu_count() or 1) // args.spawn_trainers)
+            spawned = TrainerProcesses(
+                args.spawn_trainers, address, model_and_data_flags(args), args.state_dir / "logs", threads, spawn_pki
+            )
+            await spawned.start()
+            print(f"Started {args.spawn_trainers} trainers; logs in {args.state_dir / 'logs'}", flush=True)
+        await stop.wait()
+        print("Stopping; unfinished runs resume at the next start.", flush=True)
+    finally:
+        if status is not None:
+            await status.close()
+        await coordinator.close()
+        if spawned is not None:
+            await spawned.stop(timeout=0)
+        telemetry.shutdown()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ADMIN_COMMANDS:
+        from coordinator.admin_cli import main as admin_main
+
+        return admin_main(argv)
     parser = build_parser()
     args = parse_with_config(parser, argv)
     tls = tls_credentials(parser, args)
     validate(parser, args, tls)
     configure_logging(args.log_level, "coordinator")
+    if args.serve:
+        return asyncio.run(serve(args, tls))
     from coordinator.allowlist import AllowlistError
     from coordinator.outputs import CheckpointError
     from phalanx.data import DataError

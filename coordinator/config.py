@@ -73,22 +73,29 @@ class RoundConfig:
 
 
 @dataclass(frozen=True)
-class CoordinatorConfig:
+class RunConfig:
+    """What one run is: its rounds, model and labels, and when it may start."""
+
     rounds: RoundConfig = field(default_factory=RoundConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     label_names: tuple[str, ...] = ()
-    listen: str = "127.0.0.1:50051"
-    out: Path = Path("runs/latest")
     start_with: int = 0
     """Trainers to wait for before the first round (at least rounds.min_trainers)."""
     register_timeout: float = 300.0
     """Seconds to wait for those registrations before giving up."""
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """What the federation keeps whatever runs it hosts: its address, credentials and limits."""
+
+    listen: str = "127.0.0.1:50051"
     heartbeat_interval: float = 1.0
     liveness_timeout: float = 10.0
     """A trainer silent for this long is left out of sampling until it is heard from again."""
     max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
     max_transfers: int = 16
-    """Adapters streamed at once (to and from trainers): bounds memory however many trainers there are."""
+    """Adapters streamed at once (to and from trainers, over all runs): bounds memory however many trainers there are."""
     transfer_timeout: float = TRANSFER_FLOOR_SECONDS
     """Seconds (plus one per MiB) a trainer has to deliver its adapter once a transfer slot is free for it."""
     tls: TlsCredentials | None = None
@@ -98,3 +105,44 @@ class CoordinatorConfig:
     allow_sites: Path | None = None
     """A file of the site names that may join (and their weight caps): --allow-sites."""
     registry: RegistryLimits = field(default_factory=RegistryLimits)
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """The one-shot command: a federation with one run, set up by the same flags."""
+
+    rounds: RoundConfig = field(default_factory=RoundConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    label_names: tuple[str, ...] = ()
+    listen: str = "127.0.0.1:50051"
+    out: Path = Path("runs/latest")
+    start_with: int = 0
+    register_timeout: float = 300.0
+    heartbeat_interval: float = 1.0
+    liveness_timeout: float = 10.0
+    max_adapter_bytes: int = DEFAULT_MAX_ADAPTER_BYTES
+    max_transfers: int = 16
+    transfer_timeout: float = TRANSFER_FLOOR_SECONDS
+    tls: TlsCredentials | None = None
+    insecure: bool = False
+    allow_sites: Path | None = None
+    registry: RegistryLimits = field(default_factory=RegistryLimits)
+
+    @property
+    def run(self) -> RunConfig:
+        return RunConfig(self.rounds, self.model, self.label_names, self.start_with, self.register_timeout)
+
+    @property
+    def federation(self) -> FederationConfig:
+        return FederationConfig(
+            listen=self.listen,
+            heartbeat_interval=self.heartbeat_interval,
+            liveness_timeout=self.liveness_timeout,
+            max_adapter_bytes=self.max_adapter_bytes,
+            max_transfers=self.max_transfers,
+            transfer_timeout=self.transfer_timeout,
+            tls=self.tls,
+            insecure=self.insecure,
+            allow_sites=self.allow_sites,
+            registry=self.registry,
+        )

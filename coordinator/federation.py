@@ -1,682 +1,97 @@
-"""The round loop: sample, broadcast, collect with a deadline, validate, aggregate, evaluate, checkpoint."""
+"""The federation: what outlives any one run.
+
+It keeps the sites (the registry, their liveness and channels), the transfer slots every run's
+adapters share, and the gRPC server. Runs (`coordinator.run.Run`) are hosted by it: the one-shot
+command is a federation with one run (`coordinator.app`), a serving coordinator one with many
+(`coordinator.serving`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import math
-import random
-import secrets
-import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import grpc
-import numpy as np
-from opentelemetry.trace import Span, StatusCode
-
-from coordinator.aggregation import DpFedAvg, clip_update, create_aggregator
-from coordinator.config import CoordinatorConfig
-from coordinator.outputs import RunOutputs
-from coordinator.registry import Registry, TrainerEntry
-from coordinator.secure_round import apply_update, settings_for
-from coordinator.trainer_client import Broadcast, EvaluateReply, TrainReply
-from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, TensorLayout, check_finite, encode, layout_of
-from phalanx.identity import escaped
-from phalanx.privacy import AdaptiveClip, PrivacyLedger
-from phalanx.secagg import messages
-from phalanx.secagg.errors import SecAggError
-from phalanx.secagg.keys import Context, Verifier
-from phalanx.secagg.masks import dequantise
-from phalanx.secagg.messages import MASKED_TENSOR
-from phalanx.secagg.protocol import ServerRound, Setup
-from phalanx.streams import status_for, status_for_secagg
+from coordinator.allowlist import Allowlist
+from coordinator.config import FederationConfig
+from coordinator.registry import Registry
+from coordinator.run import RoundInstruments
+from coordinator.service import CoordinatorServicer
+from phalanx.codec import TensorLayout
+from phalanx.rpc import Server
+from phalanx.secagg.keys import Verifier
 from phalanx.telemetry import Telemetry
-from phalanx.v1 import adapter_pb2, coordinator_pb2, trainer_pb2
+from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-log = logging.getLogger(__name__)
-
-MAX_REASON_CHARS = 500
-"""A failure's reason as recorded and logged: a trainer's status details are escaped and cut to this."""
+SERVICE_NAME = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+END_RUN_TIMEOUT_SECONDS = 5.0
 
 
-class RoundFailed(RuntimeError):
-    """Too few trainers answered a round acceptably."""
+@dataclass(frozen=True)
+class Admission:
+    """A federation for a single run: sites join that run at registration, with its labels and layout."""
 
-
-class BudgetReached(RoundFailed):
-    """The round would spend more privacy than the run's budget; nothing of it was released."""
-
-
-@dataclass
-class Participation:
-    """What one trainer did in one phase of a round."""
-
-    trainer: str
-    phase: str
-    status: str  # "accepted", "failed" (no usable answer) or "rejected" (bad adapter or reply)
-    code: str = ""
-    """gRPC status name: OK, the call's status when it failed, or the one that names a rejection."""
-    reason: str = ""
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    num_examples: int = 0
-    loss: float = math.nan
-    accuracy: float = math.nan
-    compute_seconds: float = 0.0
-    """The trainer's own account of its local work (training or evaluation)."""
-
-
-@dataclass
-class RoundStats:
-    round: int
-    train: list[Participation] = field(default_factory=list)
-    evaluate: list[Participation] = field(default_factory=list)
-    unmask: list[Participation] = field(default_factory=list)
-    """Under secure aggregation: the sites asked for shares after the masked inputs arrived."""
-    seconds: float = 0.0
-    train_seconds: float = 0.0
-    evaluate_seconds: float = 0.0
-    population: tuple[int, int] = (0, 0)
-    """Live sites and sites sampled for training."""
-    dp_epsilon: float | None = None
-    """ε spent by the run after this round, when rounds are differentially private."""
-    clip_norm: float | None = None
-    """Under adaptive clipping: the clip norm of this round, and the noisy share of updates within it."""
-    unclipped_fraction: float | None = None
-
-    def loss_and_accuracy(self) -> tuple[float, float]:
-        ok = [p for p in self.evaluate if p.status == "accepted"]
-        total = sum(p.num_examples for p in ok)
-        if total == 0:
-            return math.nan, math.nan
-        return (sum(p.loss * p.num_examples for p in ok) / total, sum(p.accuracy * p.num_examples for p in ok) / total)
-
-    def row(self, adapter_bytes: int, status: str) -> dict[str, Any]:
-        loss, accuracy = self.loss_and_accuracy()
-        trained = [p for p in self.train if p.status == "accepted"]
-        weight = sum(p.num_examples for p in trained)
-        everyone = self.train + self.unmask + self.evaluate
-        return {
-            "round": self.round,
-            "status": status,
-            "loss": _finite_or_none(loss),
-            "accuracy": _finite_or_none(accuracy),
-            "train_loss": _finite_or_none(sum(p.loss * p.num_examples for p in trained) / weight if weight else math.nan),
-            "trainers_sampled": len(self.train),
-            "trainers_accepted": len(trained),
-            "trainers_failed": len(self.train) - len(trained),
-            "evaluators": len(self.evaluate),
-            "failures": [
-                {"trainer": p.trainer, "phase": p.phase, "status": p.status, "code": p.code, "reason": p.reason}
-                for p in everyone
-                if p.status != "accepted"
-            ],
-            "seconds": round(self.seconds, 4),
-            "train_seconds": round(self.train_seconds, 4),
-            "evaluate_seconds": round(self.evaluate_seconds, 4),
-            # The slowest trainer's local work per phase: the rest of a phase is coordination and wire.
-            "train_compute_seconds": _slowest(trained),
-            "evaluate_compute_seconds": _slowest([p for p in self.evaluate if p.status == "accepted"]),
-            "bytes_sent": sum(p.bytes_sent for p in everyone),
-            "bytes_received": sum(p.bytes_received for p in everyone),
-            "adapter_bytes": adapter_bytes,
-            **({"dp_epsilon": round(self.dp_epsilon, 6)} if self.dp_epsilon is not None else {}),
-            **({"clip_norm": self.clip_norm} if self.clip_norm is not None else {}),
-            **({"unclipped_fraction": round(self.unclipped_fraction, 4)} if self.unclipped_fraction is not None else {}),
-        }
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _slowest(participations: list[Participation]) -> float | None:
-    return _finite_or_none(round(max((p.compute_seconds for p in participations), default=0.0), 4))
-
-
-def trainer_seed(seed: int, round_: int, partition: int) -> int:
-    """A per-trainer, per-round seed that is the same whenever the round is run again."""
-    return int(np.random.SeedSequence([seed, round_, partition]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def sample_size(count: int, fraction: float, minimum: int) -> int:
-    """How many of `count` trainers a round samples: `fraction` of them, at least `minimum`, at most all."""
-    return min(count, max(minimum, math.ceil(fraction * count)))
-
-
-def sample(trainers: list[TrainerEntry], fraction: float, minimum: int, rng: random.Random) -> list[TrainerEntry]:
-    """A sample of at least `minimum` (and `fraction` of) the given trainers, drawn with `rng`."""
-    k = sample_size(len(trainers), fraction, minimum)
-    return sorted(rng.sample(trainers, k), key=lambda e: e.name)
-
-
-def seeded(seed: int, round_: int) -> random.Random:
-    """The same draws whenever round `round_` of a run seeded with `seed` is run again."""
-    return random.Random(f"{seed}:{round_}")
+    run_id: str
+    last_round: int
+    label_names: tuple[str, ...]
+    layout: tuple[TensorLayout, ...]
 
 
 class Federation:
     def __init__(
         self,
-        config: CoordinatorConfig,
-        registry: Registry,
+        config: FederationConfig,
         telemetry: Telemetry,
-        outputs: RunOutputs,
-        initial: Adapter,
         *,
-        run_id: str,
-        start_round: int = 1,
-        on_round: Callable[[dict[str, Any]], None] = lambda row: None,
-        resumed: Mapping[str, str] | None = None,
+        state: Callable[[], int],
+        admission: Admission | None = None,
+        services: Sequence[str] = (),
     ) -> None:
-        """`resumed`: the metadata of the checkpoint a resumed run starts from (its privacy ledger)."""
+        """`state`: the run state heartbeats report. `admission`: the one run sites join at registration;
+        None for a federation that serves many runs. `services`: names of more services added to `server`."""
         self.config = config
-        self.registry = registry
-        self.outputs = outputs
-        self.run_id = run_id
-        self.adapter = initial
-        self.start_round = start_round
-        self.completed_rounds = start_round - 1
-        self.state = coordinator_pb2.RUN_STATE_WAITING
-        self._stop_requested = False
-        rounds = config.rounds
-        self.privacy = (
-            PrivacyLedger(rounds.dp_noise_multiplier, rounds.dp_delta, [], rounds.dp_accountant) if rounds.private else None
+        self.serves_many = admission is None
+        self.registry = Registry(
+            telemetry,
+            config.liveness_timeout,
+            tls=config.tls,
+            limits=config.registry,
+            allowlist=Allowlist(config.allow_sites) if config.allow_sites is not None else None,
         )
-        self.adaptive_clip: AdaptiveClip | None = None
-        if self.privacy is not None and rounds.dp_adaptive_clipping:
-            self.adaptive_clip = AdaptiveClip(
-                rounds.clip_norm, rounds.dp_target_quantile, rounds.dp_clip_lr, rounds.dp_clipped_count_stddev
-            )
-        if resumed is not None:
-            for part in (self.privacy, self.adaptive_clip):
-                if part is not None:
-                    part.resume(resumed)
-        self.stop_reason = ""
-        """Why the run ended before its last round (a privacy budget), or empty."""
-        # Adapters streamed at once, each direction counted: bounds memory however many trainers answer.
-        self._slots = asyncio.Semaphore(config.max_transfers)
-        self._on_round = on_round
-        self._wire_dtype = WIRE_DTYPES[config.rounds.wire_dtype]
-        self._expected = layout_of(initial, self._wire_dtype)
-        self._adapter_bytes = sum(a.nbytes for a in initial.values())
-        self._size = sum(a.size for a in initial.values())
-        self._verifier: Verifier | None = None
-        if rounds.secure_aggregation:
-            if config.tls is None:
-                raise ValueError("secure aggregation needs TLS credentials: sites sign their keys with their certificates")
-            self._verifier = Verifier(config.tls.ca)
-        self._tracer = telemetry.tracer()
-        meter = telemetry.meter()
-        self._loss_gauge = meter.create_gauge("fl.round.loss", description="aggregated evaluation loss")
-        self._accuracy_gauge = meter.create_gauge("fl.round.accuracy", description="aggregated evaluation accuracy")
-        self._clients = meter.create_counter(
-            "fl.round.clients", unit="{trainer}", description="trainer answers per round, by phase, status and code"
+        self.slots = asyncio.Semaphore(config.max_transfers)
+        self.verifier = Verifier(config.tls.ca) if config.tls is not None else None
+        self.tracer = telemetry.tracer()
+        self.instruments = RoundInstruments.create(telemetry.meter())
+        self.server = Server(telemetry, [SERVICE_NAME, *services], config.tls)
+        coordinator_pb2_grpc.add_CoordinatorServiceServicer_to_server(
+            CoordinatorServicer(
+                self.registry,
+                admission=admission,
+                heartbeat_interval=config.heartbeat_interval,
+                run_state=state,
+                secure=config.tls is not None,
+                insecure_remote=config.insecure,
+            ),
+            self.server.grpc_server,
         )
-        self._epsilon_gauge = meter.create_gauge("fl.round.dp_epsilon", description="privacy spent by the run so far")
+        self.address = ""
 
-    def stop_after_round(self) -> None:
-        """Finish the round in flight (and its checkpoint), then return from run()."""
-        self._stop_requested = True
+    async def start(self) -> str:
+        """Serve on config.listen; return the address trainers should use."""
+        port = await self.server.start(self.config.listen)
+        self.address = f"{self.config.listen.rsplit(':', 1)[0]}:{port}"
+        return self.address
 
-    async def run(self) -> list[dict[str, Any]]:
-        """Run the remaining rounds (evaluating the initial adapter first on a fresh run).
+    def drain(self) -> None:
+        """Report NOT_SERVING at once, so orchestrators look elsewhere, while calls are still answered."""
+        asyncio.get_running_loop().create_task(self.server.drain())
 
-        A round whose training phase fails is tried again up to `round_retries` times before
-        RoundFailed ends the run.
-        """
-        rounds = self.config.rounds
-        await self.registry.wait_for(max(rounds.min_trainers, self.config.start_with), self.config.register_timeout)
-        self.state = coordinator_pb2.RUN_STATE_RUNNING
-        if self.privacy is not None and self.privacy.noise_multiplier == 0:
-            await self._calibrate_noise()
-        rows: list[dict[str, Any]] = []
-        if self.start_round == 1:
-            rows.append(await self._round(0))
-        for round_ in range(self.start_round, rounds.rounds + 1):
-            if self._stop_requested:
-                return rows
-            if await self._over_budget(round_):
-                break
-            for attempt in range(rounds.round_retries + 1):
-                try:
-                    rows.append(await self._round(round_, attempt))
-                    break
-                except BudgetReached as exc:
-                    self.stop_reason = str(exc)
-                    break
-                except RoundFailed as exc:
-                    if attempt == rounds.round_retries or self._stop_requested:
-                        raise
-                    log.warning("%s; trying the round again (%d of %d)", exc, attempt + 1, rounds.round_retries)
-            if self.stop_reason:
-                break
-            await asyncio.to_thread(self.outputs.save_checkpoint, round_, self.adapter, self._checkpoint_metadata())
-            self.completed_rounds = round_
-        self.state = coordinator_pb2.RUN_STATE_FINISHED
-        return rows
-
-    def training_rng(self, round_: int) -> random.Random:
-        """The draws that pick round `round_`'s trainers: seeded, so reruns sample alike, unless the run
-        is private: amplification by subsampling holds only if no one can predict who trains."""
-        return secrets.SystemRandom() if self.privacy is not None else seeded(self.config.rounds.seed, round_)
-
-    def _checkpoint_metadata(self) -> dict[str, str]:
-        metadata = {"run_id": self.run_id}
-        for part in (self.privacy, self.adaptive_clip):
-            if part is not None:
-                metadata.update(part.to_metadata())
-        return metadata
-
-    def _population(self) -> tuple[int, int]:
-        """Live sites and how many of them a training round samples now."""
-        live = len(self.registry.live())
-        return live, sample_size(live, self.config.rounds.fraction_train, self.config.rounds.min_trainers)
-
-    async def _calibrate_noise(self) -> None:
-        """Choose the noise multiplier that spends the budget over the rounds left, at today's population."""
-        assert self.privacy is not None
-        rounds = self.config.rounds
-        left = [self._population()] * (rounds.rounds - self.start_round + 1)
-        try:
-            await asyncio.to_thread(self.privacy.calibrate, rounds.dp_target_epsilon, left)
-        except ValueError as exc:
-            raise RoundFailed(str(exc)) from None
-        log.info(
-            "noise multiplier %.4f spends ε = %g at δ = %g over %d rounds of %d of %d sites",
-            self.privacy.noise_multiplier, rounds.dp_target_epsilon, rounds.dp_delta, len(left), *reversed(left[0]),
-        )  # fmt: skip
-
-    async def _over_budget(self, round_: int, population: tuple[int, int] | None = None) -> bool:
-        """Whether round `round_` would spend more than the privacy budget; if so, say why the run stops.
-
-        Before a round, judged on the population now; `_train` judges again on the sites it sampled.
-        """
-        target = self.config.rounds.dp_target_epsilon
-        if self.privacy is None or target <= 0:
-            return False
-        then = await asyncio.to_thread(self.privacy.epsilon, population or self._population())
-        if then <= target:
-            return False
-        self.stop_reason = (
-            f"privacy budget: round {round_} would bring ε to {then:.4g}, over --dp-target-epsilon {target:g}"
-        )
-        log.info("stopping: %s", self.stop_reason)
-        return True
-
-    async def _round(self, round_: int, attempt: int = 0) -> dict[str, Any]:
-        """Round 0 only evaluates the initial adapter; later rounds train, aggregate and evaluate."""
-        stats = RoundStats(round_)
-        started = time.perf_counter()
-        failure: RoundFailed | None = None
-        with self._tracer.start_as_current_span("fl.round", attributes={"fl.round": round_}) as span:
-            if attempt:
-                span.set_attribute("fl.attempt", attempt)
-            try:
-                if round_ > 0:
-                    self.adapter = await self._train(round_, stats, span, attempt)
-                    if self.privacy is not None:
-                        self.privacy.record(*stats.population)
-                stats.train_seconds = time.perf_counter() - started
-                await self._evaluate(round_, stats)
-            except RoundFailed as exc:
-                failure = exc
-                span.set_status(StatusCode.ERROR, str(exc))
-            stats.seconds = time.perf_counter() - started
-            stats.evaluate_seconds = stats.seconds - stats.train_seconds if failure is None else 0.0
-            if self.privacy is not None:
-                stats.dp_epsilon = await asyncio.to_thread(self.privacy.epsilon)
-                span.set_attribute("fl.dp.epsilon", stats.dp_epsilon)
-                self._epsilon_gauge.set(stats.dp_epsilon)
-            loss, accuracy = stats.loss_and_accuracy()
-            if math.isfinite(loss):
-                span.set_attributes({"fl.loss": loss, "fl.accuracy": accuracy})
-                self._loss_gauge.set(loss)
-                self._accuracy_gauge.set(accuracy)
-            for p in stats.train + stats.evaluate:
-                self._clients.add(1, {"fl.phase": p.phase, "fl.status": p.status, "rpc.grpc.status_code": p.code})
-                if p.status != "accepted":
-                    span.add_event(
-                        f"fl.client.{p.status}",
-                        {"fl.trainer": p.trainer, "fl.phase": p.phase, "rpc.grpc.status_code": p.code, "fl.reason": p.reason},
-                    )
-                    log.warning("round %d: %s %s %s: %s %s", round_, p.phase, p.status, p.trainer, p.code, p.reason)
-        row = stats.row(self._adapter_bytes, "failed" if failure else "ok")
-        if attempt:
-            row["attempt"] = attempt
-        self.outputs.append_metrics(row)
-        self._on_round(row)
-        if failure is not None:
-            raise failure
-        return row
-
-    async def _ask(
-        self, entry: TrainerEntry, phase: str, call: Callable[[], Awaitable[Any]], accept: Callable[[Any, Participation], None]
-    ) -> Participation:
-        """Make one call to one trainer and sort its outcome: accepted, failed (no answer) or rejected."""
-        p = Participation(entry.name, phase, "failed")
-        try:
-            reply = await call()
-            self.registry.heard_from(entry)  # an answer shows the trainer alive, as a heartbeat would
-            p.bytes_sent, p.bytes_received = reply.bytes_sent, reply.bytes_received
-            accept(reply, p)
-            p.status, p.code = "accepted", grpc.StatusCode.OK.name
-        except grpc.aio.AioRpcError as exc:
-            p.code, p.reason = exc.code().name, escaped(exc.details() or "", MAX_REASON_CHARS)
-        except AdapterError as exc:
-            p.status, p.code, p.reason = "rejected", status_for(exc).name, escaped(exc, MAX_REASON_CHARS)
-        return p
-
-    async def _train(self, round_: int, stats: RoundStats, span: Span, attempt: int = 0) -> Adapter:
-        rounds = self.config.rounds
-        live = self.registry.live()
-        sampled = sample(live, rounds.fraction_train, rounds.min_trainers, self.training_rng(round_))
-        stats.population = (len(live), len(sampled))
-        span.set_attribute("fl.clients", len(sampled))
-        if await self._over_budget(round_, stats.population):  # the population shrank since the check before the round
-            raise BudgetReached(self.stop_reason)
-        if len(sampled) < rounds.min_trainers:
-            raise RoundFailed(f"round {round_}: only {len(sampled)} live trainers, need {rounds.min_trainers}")
-        encoded = encode(self.adapter, self._wire_dtype)
-        broadcast = Broadcast.of(trainer_pb2.TrainRequest, encoded)
-
-        def header_for(entry: TrainerEntry) -> trainer_pb2.TrainHeader:
-            return trainer_pb2.TrainHeader(
-                run_id=self.run_id,
-                round=round_,
-                local_steps=rounds.local_steps,
-                batch_size=rounds.batch_size,
-                learning_rate=rounds.learning_rate,
-                seed=trainer_seed(rounds.seed, round_, entry.partition),
-                reply_dtype=self._wire_dtype,
-                adapter=encoded.manifest,
-            )
-
-        clip_norm = self.adaptive_clip.norm if self.adaptive_clip is not None else rounds.clip_norm
-        update_noise, count_noise = self._noise(len(sampled))
-        if rounds.secure_aggregation:
-            return await self._train_secure(
-                round_, attempt, stats, sampled, header_for, broadcast, clip_norm, update_noise * clip_norm, count_noise
-            )
-        if self.privacy is not None:
-            aggregator = DpFedAvg(self.adapter, sampled=len(sampled), noise_std=update_noise * clip_norm)
-        else:
-            aggregator = create_aggregator(rounds.aggregator, self.adapter, trim=rounds.trim)
-        held: dict[str, tuple[Adapter, float]] = {}  # accepted replies, when folded in a fixed order
-        unclipped = 0
-
-        def accept(entry: TrainerEntry, reply: TrainReply, p: Participation) -> None:
-            adapter, weight = reply.adapter, self._weight(entry, reply.result.num_examples)
-            if self.privacy is not None:
-                weight = 1.0  # uniform: a site's influence is bounded by the clip norm alone
-            within = True
-            if clip_norm > 0:
-                adapter, norm = clip_update(self.adapter, adapter, clip_norm)
-                within = norm <= clip_norm
-                if not within:
-                    log.info("round %d: update of %s clipped from norm %.4g to %g", round_, entry.name, norm, clip_norm)
-            if rounds.deterministic:
-                aggregator.check(adapter, weight)
-                held[entry.name] = (adapter, weight)
-            else:
-                aggregator.add(adapter, weight)
-            nonlocal unclipped
-            unclipped += within
-            p.num_examples, p.loss, p.compute_seconds = reply.result.num_examples, reply.result.loss, reply.result.seconds
-
-        def train_one(entry: TrainerEntry) -> Awaitable[Participation]:
-            return self._ask(
-                entry,
-                "train",
-                lambda: entry.client.train(
-                    header_for(entry), broadcast, expected=self._expected, timeout=rounds.round_timeout, slots=self._slots,
-                    max_bytes=self.config.max_adapter_bytes, transfer_floor=self.config.transfer_timeout,
-                ),  # fmt: skip
-                lambda reply, p: accept(entry, reply, p),
-            )
-
-        stats.train = list(await asyncio.gather(*(train_one(e) for e in sampled)))
-        for name in sorted(held):  # sampled trainers are unique by name, so this order is fixed
-            aggregator.add(*held[name])
-        accepted = sum(p.status == "accepted" for p in stats.train)
-        if accepted < rounds.min_trainers:
-            reasons = "; ".join(f"{p.trainer}: {p.code} {p.reason}" for p in stats.train if p.status != "accepted")
-            raise RoundFailed(f"round {round_}: {accepted} accepted replies, need {rounds.min_trainers} ({reasons})")
-        result = await asyncio.to_thread(aggregator.result)  # the robust and private ones are heavy
-        try:
-            check_finite(result)
-        except AdapterError as exc:
-            raise RoundFailed(f"round {round_}: the aggregate is not finite ({exc}); the previous global adapter stays") from None
-        if self.adaptive_clip is not None:
-            self._adapt_clip(stats, clip_norm, self.adaptive_clip.noisy_fraction(unclipped, len(sampled), count_noise))
-        return result
-
-    def _noise(self, sampled: int) -> tuple[float, float]:
-        """The noise multipliers of a round of `sampled` sites: on the update sum, and on the count of
-        unclipped updates under adaptive clipping (both 0 for a round that is not private)."""
-        if self.privacy is None:
-            return 0.0, 0.0
-        if self.adaptive_clip is None:
-            return self.privacy.noise_multiplier, 0.0
-        try:
-            return self.adaptive_clip.noise(self.privacy.noise_multiplier, sampled)
-        except ValueError as exc:
-            raise RoundFailed(str(exc)) from None
-
-    def _adapt_clip(self, stats: RoundStats, used: float, fraction: float) -> None:
-        """Record the round's clip norm and noisy unclipped share, and move the clip norm for the next round."""
-        assert self.adaptive_clip is not None
-        stats.clip_norm, stats.unclipped_fraction = used, fraction
-        self.adaptive_clip.step(fraction)
-
-    async def _train_secure(
-        self,
-        round_: int,
-        attempt: int,
-        stats: RoundStats,
-        sampled: list[TrainerEntry],
-        header_for: Callable[[TrainerEntry], trainer_pb2.TrainHeader],
-        broadcast: Broadcast,
-        clip_norm: float,
-        noise_std: float,
-        count_noise: float,
-    ) -> Adapter:
-        """A round whose replies are masked (phalanx.secagg): keys, shares, masked inputs, unmask.
-
-        A site that fails or is refused at any stage is left out of the rest; one that drops
-        after sharing its keys has its masks removed from the sum with its neighbours' shares.
-        The round fails if fewer than the threshold of masked inputs arrive or a mask cannot be
-        removed; then nothing of it is released.
-        """
-        rounds = self.config.rounds
-        assert self._verifier is not None
-        parts = {e.name: Participation(e.name, "train", "failed") for e in sampled}
-        stats.train = list(parts.values())
-        entries, weights = {}, {}
-        for entry in sampled:
-            try:
-                weights[entry.name] = self._secure_weight(entry)
-                entries[entry.name] = entry
-            except AdapterError as exc:
-                parts[entry.name].status, parts[entry.name].reason = "rejected", escaped(exc, MAX_REASON_CHARS)
-        # Under DP every site weighs 1/m for the m sampled, as DP-FedAvg divides by m.
-        total_weight = float(len(sampled)) if self.privacy is not None else sum(weights.values())
-        settings = settings_for(rounds, len(entries), clip_norm, noise_std, count_noise)
-        counting = self.adaptive_clip is not None  # one more word: the (noisy) count of unclipped updates
-        length = self._size + counting
-        context = Context(self.run_id, round_, attempt)
-        try:
-            setup = Setup(context, tuple(entries), settings.neighbours, settings.threshold)
-        except SecAggError as exc:
-            raise RoundFailed(f"round {round_}: {exc}") from None
-        server = ServerRound(setup, self._verifier, length)
-        masked_layout = (TensorLayout(MASKED_TENSOR, adapter_pb2.DATA_TYPE_UINT32, (length,)),)
-        secure_round = messages.round_of(context)
-        timeout = rounds.round_timeout
-
-        async def stage(p: Participation, step: str, call: Callable[[TrainerEntry], Awaitable[Any]], accept: Callable[[Any], None]) -> None:
-            """One site's call at one stage; a failure or refusal is recorded on `p`."""
-            try:
-                reply = await call(entries[p.trainer])
-                self.registry.heard_from(entries[p.trainer])
-                accept(reply)
-            except grpc.aio.AioRpcError as exc:
-                p.status, p.code = "failed", exc.code().name
-                p.reason = f"{step}: " + escaped(exc.details() or "", MAX_REASON_CHARS)
-            except (SecAggError, AdapterError) as exc:
-                p.status, p.reason = "rejected", f"{step}: " + escaped(exc, MAX_REASON_CHARS)
-                p.code = (status_for(exc) if isinstance(exc, AdapterError) else status_for_secagg(exc)).name
-
-        def unary(p: Participation, request: Any, rpc: str) -> Callable[[TrainerEntry], Awaitable[Any]]:
-            async def call(entry: TrainerEntry) -> Any:
-                reply = await getattr(entry.client, rpc)(request, timeout)
-                p.bytes_sent += request.ByteSize()
-                p.bytes_received += reply.ByteSize()
-                return reply
-
-            return call
-
-        with self._tracer.start_as_current_span("fl.secagg.keys", attributes={"fl.clients": len(entries)}) as span:
-            span.set_attributes({"fl.secagg.neighbours": settings.neighbours, "fl.secagg.threshold": settings.threshold})
-            advertise = trainer_pb2.AdvertiseKeysRequest(
-                round=secure_round, participants=list(entries), neighbours=settings.neighbours, threshold=settings.threshold
-            )
-            await asyncio.gather(*(
-                stage(parts[name], "keys", unary(parts[name], advertise, "advertise_keys"),
-                      lambda r, n=name: server.accept_keys(n, messages.keys_from_message(r.keys)))
-                for name in entries
-            ))  # fmt: skip
-
-        def share_request(name: str) -> trainer_pb2.ShareKeysRequest:
-            return trainer_pb2.ShareKeysRequest(
-                round=secure_round, neighbours=[messages.keys_to_message(k) for k in server.keys_for(name)]
-            )
-
-        with self._tracer.start_as_current_span("fl.secagg.shares", attributes={"fl.clients": len(server.keys)}):
-            await asyncio.gather(*(
-                stage(parts[name], "shares", unary(parts[name], share_request(name), "share_keys"),
-                      lambda r, n=name: server.accept_shares(n, messages.by_site(r.shares, "shares")))
-                for name in list(server.keys)
-            ))  # fmt: skip
-
-        def masked_input(name: str) -> Callable[[TrainerEntry], Awaitable[TrainReply]]:
-            async def call(entry: TrainerEntry) -> TrainReply:
-                header = header_for(entry)
-                header.secure_aggregation.CopyFrom(
-                    trainer_pb2.SecureAggregation(
-                        attempt=attempt,
-                        shares=messages.sealed_list(server.shares_for(name)),
-                        weight_share=weights[name] / total_weight,
-                        clip_range=settings.clip_range,
-                        clip_norm=clip_norm,
-                        noise_std=settings.noise_std,
-                        count_unclipped=counting,
-                        count_noise_std=settings.count_noise_std,
-                    )
-                )
-                reply = await entry.client.train(
-                    header, broadcast, expected=masked_layout, timeout=timeout, slots=self._slots,
-                    max_bytes=self.config.max_adapter_bytes, transfer_floor=self.config.transfer_timeout,
-                )  # fmt: skip
-                parts[name].bytes_sent += reply.bytes_sent
-                parts[name].bytes_received += reply.bytes_received
-                return reply
-
-            return call
-
-        def accept_masked(name: str, reply: TrainReply) -> None:
-            server.accept_masked(name, np.asarray(reply.adapter[MASKED_TENSOR]))
-            p = parts[name]
-            p.status, p.code = "accepted", grpc.StatusCode.OK.name
-            p.num_examples, p.loss, p.compute_seconds = reply.result.num_examples, reply.result.loss, reply.result.seconds
-
-        with self._tracer.start_as_current_span("fl.secagg.masked_input", attributes={"fl.clients": len(server.shared)}):
-            await asyncio.gather(*(
-                stage(parts[name], "masked input", masked_input(name), lambda r, n=name: accept_masked(n, r))
-                for name in server.shared
-            ))  # fmt: skip
-
-        with self._tracer.start_as_current_span("fl.secagg.unmask") as span:
-            try:
-                survivors, dropped = server.start_unmask(settings.min_survivors)
-            except SecAggError as exc:
-                reasons = "; ".join(f"{p.trainer}: {p.code} {p.reason}" for p in stats.train if p.status != "accepted")
-                raise RoundFailed(f"round {round_}: {exc} ({reasons})") from None
-            span.set_attributes({"fl.secagg.survivors": len(survivors), "fl.secagg.dropped": len(dropped)})
-            request = trainer_pb2.UnmaskRequest(round=secure_round, survivors=survivors, dropped=dropped)
-            stats.unmask = [Participation(name, "unmask", "accepted", grpc.StatusCode.OK.name) for name in server.shared]
-            await asyncio.gather(*(
-                stage(p, "unmask", unary(p, request, "unmask"),
-                      lambda r, n=p.trainer: server.accept_revealed(
-                          n, messages.by_site(r.seed_shares, "seed shares"), messages.by_site(r.key_shares, "key shares")))
-                for p in stats.unmask
-            ))  # fmt: skip
-            try:
-                total = await asyncio.to_thread(server.result)
-            except SecAggError as exc:
-                raise RoundFailed(f"round {round_}: {exc}") from None
-        summed = dequantise(total, settings.clip_range, len(entries))
-        if counting:
-            self._adapt_clip(stats, clip_norm, float(summed[-1]) / clip_norm)  # weights 1/m: already a share
-            summed = summed[:-1]
-        if self.privacy is None:
-            summed /= sum(weights[name] for name in survivors) / total_weight  # FedAvg over the survivors
-        return apply_update(self.adapter, summed)
-
-    def _secure_weight(self, entry: TrainerEntry) -> float:
-        """A site's weight in a secure round, fixed before it trains: uniform under DP, else its
-        registered example count capped by the allowlist."""
-        if self.privacy is not None:
-            return 1.0
-        return self._weight(entry, entry.num_train_examples)
-
-    def _weight(self, entry: TrainerEntry, claimed: int) -> float:
-        """A reply's FedAvg weight: its example count, bounded by what the site registered and by the allowlist."""
-        if claimed > entry.num_train_examples:
-            raise AdapterError(
-                f"reply claims {claimed} training examples; site {entry.name} registered {entry.num_train_examples}"
-            )
-        if self.registry.allowlist is None:
-            return float(claimed)
-        listed = self.registry.allowlist.sites().get(entry.name)
-        if listed is None:
-            raise AdapterError(f"site {entry.name} is no longer in --allow-sites")
-        return float(min(claimed, listed.max_weight))
-
-    async def _evaluate(self, round_: int, stats: RoundStats) -> None:
-        rounds = self.config.rounds
-        chosen = sample(self.registry.live(), rounds.fraction_evaluate, 1, seeded(rounds.seed + 1, round_))
-        encoded = encode(self.adapter, self._wire_dtype)
-        broadcast = Broadcast.of(trainer_pb2.EvaluateRequest, encoded)
-        header = trainer_pb2.EvaluateHeader(
-            run_id=self.run_id,
-            round=round_,
-            batch_size=rounds.eval_batch_size,
-            max_examples=rounds.eval_max_examples,
-            adapter=encoded.manifest,
-        )
-
-        def accept(entry: TrainerEntry, reply: EvaluateReply, p: Participation) -> None:
-            r = reply.result
-            if not (0 < r.num_examples <= entry.num_test_examples and math.isfinite(r.loss) and 0.0 <= r.accuracy <= 1.0):
-                raise AdapterError(
-                    f"implausible evaluation: {r.num_examples} examples (site {entry.name} registered "
-                    f"{entry.num_test_examples}), loss {r.loss}, accuracy {r.accuracy}"
-                )
-            p.num_examples, p.loss, p.accuracy, p.compute_seconds = r.num_examples, r.loss, r.accuracy, r.seconds
-
-        stats.evaluate = list(
+    async def close(self, end_run: tuple[str, str] | None = None) -> None:
+        """Stop serving and close the channels; with `end_run` (run id, reason), first tell every site that run is over."""
+        if end_run is not None:
             await asyncio.gather(
-                *(
-                    self._ask(
-                        e,
-                        "evaluate",
-                        lambda e=e: e.client.evaluate(header, broadcast, timeout=rounds.round_timeout, slots=self._slots),
-                        lambda reply, p, e=e: accept(e, reply, p),
-                    )
-                    for e in chosen
-                )
+                *(e.client.end_run(*end_run, timeout=END_RUN_TIMEOUT_SECONDS) for e in self.registry.all()),
+                return_exceptions=True,
             )
-        )
+        await self.server.stop()
+        await self.registry.close()

@@ -54,7 +54,7 @@ class RunOutputs:
         self.metrics_path = out / "metrics.jsonl"
         self.checkpoints = out / "checkpoints"
         self.adapter_dir = out / "adapter"
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as handle:
@@ -73,7 +73,8 @@ class RunOutputs:
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     def save_checkpoint(self, round_: int, adapter: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> Path:
-        data = save_tensors(dict(adapter), metadata={**metadata, "round": str(round_)})
+        data = checkpoint_bytes(round_, adapter, metadata)
+        self.checkpoints.mkdir(exist_ok=True)
         path = self.checkpoints / f"round-{round_:05d}.safetensors"
         write_atomic(path, data)
         pointer = {"round": round_, "file": path.name, "sha256": hashlib.sha256(data).hexdigest()}
@@ -95,7 +96,18 @@ class RunOutputs:
             raise CheckpointError(
                 f"checkpoint {pointer['file']} does not match its SHA-256; start over with --fresh or restore it"
             )
-        return Checkpoint(int(pointer["round"]), dict(load_tensors(data)), _safetensors_metadata(data))
+        return checkpoint_of(data)
+
+
+def checkpoint_bytes(round_: int, adapter: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> bytes:
+    """A checkpoint as a safetensors file: the adapter's tensors, and the metadata with the round."""
+    return save_tensors(dict(adapter), metadata={**metadata, "round": str(round_)})
+
+
+def checkpoint_of(data: bytes) -> Checkpoint:
+    """The checkpoint in a safetensors file made by checkpoint_bytes."""
+    metadata = _safetensors_metadata(data)
+    return Checkpoint(int(metadata["round"]), dict(load_tensors(data)), metadata)
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:

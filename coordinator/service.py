@@ -2,21 +2,27 @@
 
 With TLS, a site is who its certificate says: the name in the request may only repeat it, and
 the address it registers must be one its certificate was issued for. Without TLS (loopback, or
---insecure), the request's name is taken after the same checks on its form.
+--insecure), the request's name is taken after the same checks on its form. A federation for one
+run admits only sites with that run's labels and adapter layout; one serving many runs admits
+any, and each run finds out from the sites' answers whether they can serve it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 
 from coordinator.registry import RegistrationRefused, Registry
-from phalanx.codec import AdapterError, TensorLayout, check_layout, parse_manifest
+from phalanx.codec import AdapterError, check_layout, parse_manifest
 from phalanx.identity import AddressError, check_address, check_site_name, is_loopback, printable
 from phalanx.pki import ROLE_SITE
 from phalanx.rpc import require_peer
 from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+if TYPE_CHECKING:
+    from coordinator.run import Admission
 
 MAX_LABELS = 10_000
 MIN_TRAINER_PORT = 1024
@@ -27,10 +33,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self,
         registry: Registry,
         *,
-        run_id: str,
-        last_round: int,
-        label_names: Sequence[str],
-        layout: Sequence[TensorLayout],
+        admission: Admission | None,
         heartbeat_interval: float,
         run_state: Callable[[], int],
         secure: bool,
@@ -39,10 +42,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         """`secure`: identities come from client certificates. `insecure_remote`: without TLS,
         accept trainer addresses off this machine (--insecure); otherwise only loopback ones."""
         self._registry = registry
-        self._run_id = run_id
-        self._last_round = last_round
-        self._labels = tuple(label_names)
-        self._layout = tuple(layout)
+        self._admission = admission
         self._heartbeat_interval = heartbeat_interval
         self._run_state = run_state
         self._secure = secure
@@ -56,17 +56,22 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         allowlist = self._registry.allowlist
         if allowlist is not None and not allowlist.allows(name):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {name} is not in the coordinator's --allow-sites")
-        if len(request.label_names) > MAX_LABELS or tuple(request.label_names) != self._labels:
+        admission = self._admission
+        if len(request.label_names) > MAX_LABELS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_LABELS} label names")
+        if admission is not None and tuple(request.label_names) != admission.label_names:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"label sets differ: trainer has {printable(list(request.label_names))}, run has {list(self._labels)}",
+                f"label sets differ: trainer has {printable(list(request.label_names))}, run has {list(admission.label_names)}",
             )
-        try:
-            check_layout(parse_manifest(request.adapter_layout), self._layout)
-        except AdapterError as exc:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"adapter layout differs (model or LoRA settings?): {printable(exc, 200)}"
-            )
+        if admission is not None:
+            try:
+                check_layout(parse_manifest(request.adapter_layout), admission.layout)
+            except AdapterError as exc:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"adapter layout differs (model or LoRA settings?): {printable(exc, 200)}",
+                )
         try:
             entry = await self._registry.register(
                 name=name,
@@ -79,9 +84,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return coordinator_pb2.RegisterResponse(
             trainer_id=entry.trainer_id,
-            run_id=self._run_id,
+            run_id=admission.run_id if admission is not None else "",
             heartbeat_interval_seconds=self._heartbeat_interval,
-            last_round=self._last_round,
+            last_round=admission.last_round if admission is not None else 0,
         )
 
     async def Heartbeat(

@@ -1,34 +1,41 @@
-"""Certificates for a federation: one private CA, a coordinator certificate and one per site.
+"""Certificates for a federation: one private CA and the certificates of its coordinator, sites and admins.
 
 Everything here uses the `cryptography` package: EC P-256 keys, SHA-256 signatures. The CA
-(`CN=Phalanx CA, O=Phalanx`, path length 0) signs only leaf certificates. Every leaf carries
-both the server and the client auth EKU: sites serve TrainerService and call the coordinator,
-the coordinator serves and calls the sites. Validity starts five minutes in the past (clock
-skew) and never outlasts the CA.
+(`CN=Phalanx CA, O=Phalanx`, path length 0) signs only leaf certificates. A coordinator or site
+leaf carries both the server and the client auth EKU: sites serve TrainerService and call the
+coordinator, the coordinator serves and calls the sites. An admin leaf, held by an operator who
+calls a serving coordinator's admin API, carries only the client auth EKU and no SAN: it is
+never a server, so no host names it. Validity starts five minutes in the past (clock skew) and
+never outlasts the CA.
 
 File layout of an operator's directory (`--out DIR`):
 
     DIR/ca.pem                         CA certificate: the trust anchor every party gets
     DIR/ca.key                         CA private key: stays with the operator
     DIR/coordinator.pem, .key          the coordinator's certificate and key
+    DIR/admin.pem, DIR/admin.key       the first admin's certificate and key (an operator's client)
     DIR/<site>.pem, DIR/<site>.key     a site's certificate and key (no .key for a CSR-signed site)
+    DIR/<admin>.pem, DIR/<admin>.key   a further admin's certificate and key (`--add-admin`)
 
 Keys are unencrypted PKCS8 PEM, created with mode 0600 and never overwritten; certificates
 and CSRs are 0644.
 
 Identity rules: a leaf's subject is `CN=<name>, OU=<role>, O=Phalanx`, the role being
-"coordinator" or "site". A site certificate also carries the identity SAN
-`DNS:<name>.site.phalanx.invalid` (`site_san`), besides its host SANs; the coordinator dials a
-site with `grpc.ssl_target_name_override` set to it, so the TLS handshake proves the server
-holds that site's certificate. The `.invalid` TLD is reserved, so no real host collides, and no
-host SAN may end in it. Site names are 1-64 characters of A-Z a-z 0-9 . _ -, not starting with
-"." or "-", with no empty part between dots (the identity SAN must be a DNS name); "coordinator",
-"ca" and "admin" are reserved, and two sites may not differ only in letter case (DNS names
-match case-insensitively).
+"coordinator", "site" or "admin" (`phalanx.identity.identity_of` reads both back). A site
+certificate also carries the identity SAN `DNS:<name>.site.phalanx.invalid` (`site_san`),
+besides its host SANs; the coordinator dials a site with `grpc.ssl_target_name_override` set
+to it, so the TLS handshake proves the server holds that site's certificate. The `.invalid`
+TLD is reserved, so no real host collides, and no host SAN may end in it. Site names are 1-64
+characters of A-Z a-z 0-9 . _ -, not starting with "." or "-", with no empty part between dots
+(the identity SAN must be a DNS name); "coordinator", "ca" and "admin" are reserved, and two
+sites may not differ only in letter case (DNS names match case-insensitively). An admin added
+with `--add-admin` follows the same name rules; sites and admins share one namespace in DIR,
+so no name may already have a certificate there, in any letter case.
 
 Workflows:
 
-    # 1. The operator provisions a federation (refused if DIR already holds a CA):
+    # 1. The operator provisions a federation, with one admin certificate admin.pem/.key
+    #    (refused if DIR already holds a CA):
     python -m phalanx.pki --out certs --sites site-a,site-b,site-c --hosts coord.example,10.0.0.5
 
     # 2. The operator adds a site to it later, with the same CA:
@@ -37,6 +44,9 @@ Workflows:
     # 3. A site keeps its own key: it makes a CSR, the operator signs it, the site gets site-e.pem back.
     python -m phalanx.pki --out site-e-certs --make-csr site-e --site-hosts site-e.example   # on the site
     python -m phalanx.pki --out certs --sign-csr site-e.csr                                # by the operator
+
+    # 4. The operator issues another admin certificate (ops-1.pem/.key) with the same CA:
+    python -m phalanx.pki --out certs --add-admin ops-1
 """
 
 from __future__ import annotations
@@ -58,6 +68,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
+    "ADMIN_NAME",
     "COORDINATOR_NAME",
     "DEFAULT_DAYS",
     "DEFAULT_HOSTS",
@@ -71,6 +82,7 @@ __all__ = [
     "SITE_SAN_SUFFIX",
     "Authority",
     "PkiError",
+    "add_admin",
     "add_site",
     "cert_pem",
     "check_host",
@@ -94,7 +106,9 @@ ROLE_SITE = "site"
 ROLE_ADMIN = "admin"
 ROLES = (ROLE_COORDINATOR, ROLE_SITE, ROLE_ADMIN)
 COORDINATOR_NAME = "coordinator"
-RESERVED_NAMES = frozenset({COORDINATOR_NAME, "ca", "admin"})
+ADMIN_NAME = "admin"
+"""The name of the admin certificate that `provision` issues."""
+RESERVED_NAMES = frozenset({COORDINATOR_NAME, "ca", ADMIN_NAME})
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_SITE_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_DAYS = 365
@@ -284,7 +298,10 @@ def load_authority(directory: Path) -> Authority:
 
 
 def _leaf_names(name: str, role: str, hosts: Sequence[str]) -> list[x509.GeneralName]:
-    """The checked SANs of a leaf: its hosts, and for a site its identity SAN; no duplicates."""
+    """The checked SANs of a leaf: its hosts, and for a site its identity SAN; no duplicates.
+
+    A leaf may have none (an admin's: a client only); `_certify` then leaves out the SAN extension.
+    """
     if role not in ROLES:
         raise PkiError(f"role must be one of {', '.join(ROLES)}, got {_show(role)}")
     names = [_general_name(host) for host in hosts]
@@ -322,7 +339,10 @@ def _certify(
     usage = _key_usage(ca=False)
     ca_key_id = authority.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     authority_key_id = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_key_id)
-    both_auths = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    if role == ROLE_ADMIN:  # an operator's client: never a server
+        auths = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+    else:
+        auths = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
     builder = (
         x509.CertificateBuilder()
         .subject_name(_subject(name, role))
@@ -333,7 +353,7 @@ def _certify(
         .not_valid_after(validity[1])
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(usage, critical=True)
-        .add_extension(both_auths, critical=False)
+        .add_extension(auths, critical=False)
         .add_extension(authority_key_id, critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
@@ -354,6 +374,8 @@ def issue(
     not_after: datetime | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A leaf certificate for `name` in `role`, valid for `hosts` (a site also gets its identity SAN).
+
+    `hosts` may be empty: the certificate then has no SAN extension (right for an admin, a client only).
 
     `key` None makes a fresh key. The validity is from five minutes ago for `days`, cut at the
     CA's end, unless `not_before` / `not_after` (timezone-aware) give it.
@@ -414,10 +436,10 @@ def _write_files(out: Path, files: _Files) -> list[Path]:
 
 
 def _refuse_taken(out: Path, name: str) -> None:
-    """Refuse a site name that already has a certificate in `out`, in any letter case."""
+    """Refuse a site or admin name that already has a certificate in `out`, in any letter case."""
     for path in out.glob("*.pem"):
         if path.stem.lower() == name.lower():
-            raise PkiError(f"{path} already exists: site {_show(name)} has a certificate")
+            raise PkiError(f"{path} already exists: {_show(name)} already has a certificate")
 
 
 def provision(
@@ -427,7 +449,9 @@ def provision(
     site_hosts: Sequence[str] = DEFAULT_SITE_HOSTS,
     days: int = DEFAULT_DAYS,
 ) -> list[Path]:
-    """Create a CA, a coordinator certificate for `hosts` and one certificate per site in `out`.
+    """Create a CA, a coordinator certificate for `hosts`, one certificate per site and one admin in `out`.
+
+    The admin certificate is `out/admin.pem` (`CN=admin, OU=admin`, client auth only, no SAN).
 
     Everything is checked before anything is written; refused if `out` already holds a CA.
     """
@@ -448,6 +472,8 @@ def provision(
     for site in sites:
         cert, key = issue(authority, site, ROLE_SITE, site_hosts, days=days)
         files.update(_leaf_files(out, site, cert, key))
+    cert, key = issue(authority, ADMIN_NAME, ROLE_ADMIN, (), days=days)
+    files.update(_leaf_files(out, ADMIN_NAME, cert, key))
     return _write_files(out, files)
 
 
@@ -459,6 +485,18 @@ def add_site(
     authority = load_authority(out)
     _refuse_taken(out, name)
     cert, key = issue(authority, name, ROLE_SITE, site_hosts, days=days)
+    return _write_files(out, _leaf_files(out, name, cert, key))
+
+
+def add_admin(out: Path, name: str, days: int = DEFAULT_DAYS) -> list[Path]:
+    """Issue a key and an admin certificate (client auth only, no SAN) for `name` with the CA in `out`.
+
+    `name` follows the site name rules and must not have a certificate in `out` yet (site or admin).
+    """
+    check_site_name(name)
+    authority = load_authority(out)
+    _refuse_taken(out, name)
+    cert, key = issue(authority, name, ROLE_ADMIN, (), days=days)
     return _write_files(out, _leaf_files(out, name, cert, key))
 
 
@@ -535,6 +573,7 @@ def sign_csr(out: Path, csr_path: Path, days: int = DEFAULT_DAYS) -> Path:
 _MODE_OPTIONS: dict[str, frozenset[str]] = {
     "sites": frozenset({"hosts", "site_hosts", "days"}),
     "add_site": frozenset({"site_hosts", "days"}),
+    "add_admin": frozenset({"days"}),
     "make_csr": frozenset({"site_hosts"}),
     "sign_csr": frozenset({"days"}),
 }
@@ -564,6 +603,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     mode.add_argument(
         "--add-site", default=argparse.SUPPRESS, metavar="NAME", help="issue one more site with the CA in DIR"
+    )
+    mode.add_argument(
+        "--add-admin",
+        default=argparse.SUPPRESS,
+        metavar="NAME",
+        help="issue one more admin certificate (an operator's client) with the CA in DIR",
     )
     mode.add_argument(
         "--make-csr",
@@ -606,6 +651,8 @@ def _run(mode: str, args: argparse.Namespace) -> list[Path]:
         return provision(out, _split(args.sites), _split(args.hosts), _split(args.site_hosts), args.days)
     if mode == "add_site":
         return add_site(out, args.add_site, _split(args.site_hosts), args.days)
+    if mode == "add_admin":
+        return add_admin(out, args.add_admin, args.days)
     if mode == "make_csr":
         return make_csr(out, args.make_csr, _split(args.site_hosts))
     return [sign_csr(out, Path(args.sign_csr), args.days)]

@@ -14,6 +14,9 @@ from phalanx.secagg.errors import KeyRejected, OutOfOrder, SecAggError
 from phalanx.v1 import adapter_pb2
 
 DISCARD_SECONDS = 1.0
+UNSERVABLE_KEY = "phalanx-unservable-run"
+"""Trailing metadata key of a site's FAILED_PRECONDITION that refuses a whole run (its model or
+labels), not one call: the run leaves the site out of its later rounds."""
 
 
 class WrongRound(AdapterError):

@@ -33,7 +33,7 @@ class Pki:
         return cls(directory, load_authority(directory))
 
     def creds(self, name: str) -> TlsCredentials:
-        """The provisioned files of `name` (a site, or "coordinator")."""
+        """The provisioned files of `name` (a site, "coordinator" or "admin")."""
         d = self.directory
         return TlsCredentials.load(d / "ca.pem", d / f"{name}.pem", d / f"{name}.key")
 

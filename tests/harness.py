@@ -199,7 +199,7 @@ async def run_with_rogue(
     sites = [await start_echo_site(coordinator.address, k, params=params) for k in range(echoes)]
     server = await start_servicer_site(coordinator.address, "rogue", rogue, coordinator.initial)
     try:
-        return await coordinator.app.run()
+        return await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         await server.stop(0)

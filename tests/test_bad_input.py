@@ -159,7 +159,7 @@ async def test_coordinator_rejects_a_bad_reply_names_it_and_goes_on(tmp_path: Pa
     assert coordinator.clients_counted()[("train", "rejected", code)] == 1
     [event] = coordinator.round_events(1)
     assert event["name"] == "fl.client.rejected" and event["rpc.grpc.status_code"] == code and message in event["fl.reason"]
-    adapter = coordinator.app.federation.adapter
+    adapter = coordinator.app.run.adapter
     assert all(np.isfinite(v).all() for v in adapter.values())
     for key, value in coordinator.initial.items():
         np.testing.assert_allclose(adapter[key], value, rtol=1e-6)  # the honest echoes' average
@@ -198,13 +198,13 @@ async def test_update_a_million_times_larger_is_bounded_by_clipping_or_a_robust_
         for k, scale in enumerate([0.01, 0.01, 0.01 * 1e6])
     ]
     try:
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         for rogue in rogues:
             await rogue.stop(0)
         await coordinator.close()
     assert rows[-1]["trainers_accepted"] == 3
-    moved = distance(coordinator.app.federation.adapter, coordinator.initial)
+    moved = distance(coordinator.app.run.adapter, coordinator.initial)
     if bound is None:
         assert moved > 1e4  # plain FedAvg lets one site drag the model anywhere
     else:

@@ -80,7 +80,7 @@ async def test_round_span_is_ancestor_of_every_trainer_span(model_config: ModelC
         nodes.append((node, telemetry))
     serving = [asyncio.create_task(node.run()) for node, _ in nodes]
     try:
-        rows = await asyncio.wait_for(app.run(), timeout=120)
+        rows = await asyncio.wait_for(app.execute(), timeout=120)
         metrics = coordinator_metrics.get_metrics_data()
     finally:
         await app.close("finished")

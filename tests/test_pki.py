@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from phalanx import pki
+from phalanx.identity import identity_of
 
 REPO = Path(__file__).resolve().parent.parent
 SITES = ("site-a", "site-b", "site-c")
@@ -90,7 +91,7 @@ def test_provisioning_writes_the_federation(tmp_path: Path, capsys: pytest.Captu
     out = tmp_path / "new" / "certs"
     code, stdout, _ = run(capsys, "--out", out, *PROVISION)
     assert code == 0
-    parties = ("ca", "coordinator", *SITES)
+    parties = ("ca", "coordinator", "admin", *SITES)
     expected = {f"{name}.{suffix}" for name in parties for suffix in ("pem", "key")}
     assert {path.name for path in out.iterdir()} == expected
     assert {Path(line).name for line in stdout.splitlines()} == expected
@@ -127,6 +128,28 @@ def test_provisioning_writes_the_federation(tmp_path: Path, capsys: pytest.Captu
         assert sans(load_cert(out / f"{site}.pem")) == (["localhost", identity], ["127.0.0.1"])
 
 
+def test_provisioning_issues_an_admin_certificate(federation: Path) -> None:
+    ca = load_cert(federation / "ca.pem")
+    assert stat.S_IMODE((federation / "admin.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((federation / "admin.pem").stat().st_mode) == 0o644
+    leaf = load_cert(federation / "admin.pem")
+    leaf.verify_directly_issued_by(ca)
+    assert load_key(federation / "admin.key").public_key() == leaf.public_key()
+    assert leaf.subject.rfc4514_string() == "CN=admin,OU=admin,O=Phalanx"
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    with pytest.raises(x509.ExtensionNotFound):
+        leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert leaf.not_valid_after_utc <= ca.not_valid_after_utc
+    identity = identity_of((federation / "admin.pem").read_bytes())
+    assert (identity.name, identity.role, identity.hosts) == ("admin", pki.ROLE_ADMIN, frozenset())
+
+
+def test_admin_certificate_is_a_tls_client_of_the_coordinator(federation: Path) -> None:
+    _connect(federation, "coordinator", "admin", "coord.example")
+
+
 def test_provisioning_again_is_refused_and_changes_nothing(
     federation: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -155,6 +178,64 @@ def test_add_site_refuses_a_taken_name(
     before = snapshot(federation)
     code, _, err = run(capsys, "--out", federation, "--add-site", name)
     assert code == 2 and "already exists" in err
+    assert snapshot(federation) == before
+
+
+def test_add_admin_issues_another_admin(federation: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = load_cert(federation / "ca.pem")
+    code, stdout, err = run(capsys, "--out", federation, "--add-admin", "ops-1", "--days", "30")
+    assert code == 0, err
+    assert [Path(line).name for line in stdout.splitlines()] == ["ops-1.key", "ops-1.pem"]
+    assert stat.S_IMODE((federation / "ops-1.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((federation / "ops-1.pem").stat().st_mode) == 0o644
+    leaf = load_cert(federation / "ops-1.pem")
+    leaf.verify_directly_issued_by(ca)
+    assert load_key(federation / "ops-1.key").public_key() == leaf.public_key()
+    assert leaf.subject.rfc4514_string() == "CN=ops-1,OU=admin,O=Phalanx"
+    assert list(leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH
+    ]
+    assert leaf.not_valid_after_utc - leaf.not_valid_before_utc <= timedelta(days=30, minutes=5)
+    identity = identity_of((federation / "ops-1.pem").read_bytes())
+    assert (identity.name, identity.role, identity.hosts) == ("ops-1", "admin", frozenset())
+    assert load_cert(federation / "admin.pem").serial_number != leaf.serial_number
+    _connect(federation, "coordinator", "ops-1", "coord.example")
+
+
+@pytest.mark.parametrize("name", ["site-a", "SITE-A", "Coordinator", "admin"])
+def test_add_admin_refuses_a_taken_or_reserved_name(
+    federation: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    before = snapshot(federation)
+    code, stdout, err = run(capsys, "--out", federation, "--add-admin", name)
+    assert code == 2 and stdout == "" and repr(name) in err
+    assert snapshot(federation) == before
+
+
+def test_admins_and_sites_share_one_namespace(federation: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert pki.add_admin(federation, "ops-1") == [federation / "ops-1.key", federation / "ops-1.pem"]
+    before = snapshot(federation)
+    for option, name in [("--add-admin", "ops-1"), ("--add-admin", "OPS-1"), ("--add-site", "Ops-1")]:
+        code, _, err = run(capsys, "--out", federation, option, name)
+        assert code == 2 and "already exists" in err
+    assert snapshot(federation) == before
+
+
+def test_add_admin_needs_a_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "--out", tmp_path, "--add-admin", "ops-1")
+    assert code == 2 and "no CA" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--hosts", "--site-hosts"])
+def test_add_admin_refuses_host_options(
+    federation: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    before = snapshot(federation)
+    with pytest.raises(SystemExit) as exit_info:
+        pki.main(["--out", str(federation), "--add-admin", "ops-1", option, "x.example"])
+    assert exit_info.value.code == 2
+    assert f"{option} does not apply to --add-admin" in capsys.readouterr().err
     assert snapshot(federation) == before
 
 
@@ -275,7 +356,12 @@ def test_bad_site_names_are_refused(
 ) -> None:
     fresh = tmp_path / "fresh"
     before = snapshot(federation)
-    for args in (["--out", fresh, f"--sites={name}"], ["--out", federation, f"--add-site={name}"]):
+    attempts = (
+        ["--out", fresh, f"--sites={name}"],
+        ["--out", federation, f"--add-site={name}"],
+        ["--out", federation, f"--add-admin={name}"],
+    )
+    for args in attempts:
         code, stdout, err = run(capsys, *args)
         assert code == 2 and stdout == ""
         assert err.endswith("\n") and err.count("\n") == 1
@@ -377,7 +463,8 @@ def test_module_entry_point_help() -> None:
     command = [sys.executable, "-m", "phalanx.pki", "--help"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
-    for option in ("--sites", "--add-site", "--make-csr", "--sign-csr", "--hosts", "--site-hosts", "--days"):
+    modes = ("--sites", "--add-site", "--add-admin", "--make-csr", "--sign-csr")
+    for option in (*modes, "--hosts", "--site-hosts", "--days"):
         assert option in result.stdout
 
 

@@ -94,7 +94,7 @@ async def run_private(tmp_path: Path, **settings) -> tuple[Coordinator, list[dic
     coordinator = await start_coordinator(tmp_path, params=PARAMS, clip_norm=0.5, **settings)
     sites = [await start_echo_site(coordinator.address, k, params=PARAMS) for k in range(2)]
     try:
-        return coordinator, await coordinator.app.run()
+        return coordinator, await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         await coordinator.close()
@@ -105,9 +105,9 @@ async def test_a_private_run_samples_its_trainers_with_secret_randomness(tmp_pat
     private = await start_coordinator(tmp_path / "private", params=PARAMS, rounds=1, seed=7, clip_norm=1.0, dp_noise_multiplier=1.0)
     population = list(range(1000))
     try:
-        assert public.app.federation.training_rng(3).sample(population, 5) == public.app.federation.training_rng(3).sample(population, 5)
-        draws = {tuple(private.app.federation.training_rng(3).sample(population, 5)) for _ in range(3)}
-        assert isinstance(private.app.federation.training_rng(3), secrets.SystemRandom) and len(draws) == 3
+        assert public.app.run.training_rng(3).sample(population, 5) == public.app.run.training_rng(3).sample(population, 5)
+        draws = {tuple(private.app.run.training_rng(3).sample(population, 5)) for _ in range(3)}
+        assert isinstance(private.app.run.training_rng(3), secrets.SystemRandom) and len(draws) == 3
     finally:
         await public.close()
         await private.close()
@@ -116,7 +116,7 @@ async def test_a_private_run_samples_its_trainers_with_secret_randomness(tmp_pat
 async def test_private_rounds_add_noise_of_z_c_over_m_and_report_epsilon(tmp_path: Path) -> None:
     coordinator, rows = await run_private(tmp_path, rounds=2, dp_noise_multiplier=2.0, dp_delta=1e-5)
     # Echo sites send the adapter back unchanged: two rounds moved it by noise alone, N(0, (zC/m)^2) each.
-    moved = np.concatenate([(coordinator.app.federation.adapter[k] - v).ravel() for k, v in coordinator.initial.items()])
+    moved = np.concatenate([(coordinator.app.run.adapter[k] - v).ravel() for k, v in coordinator.initial.items()])
     assert moved.std() == pytest.approx(math.sqrt(2) * 2.0 * 0.5 / 2, rel=0.05)
     epsilons = [r["dp_epsilon"] for r in rows]
     assert epsilons[0] == 0 and 0 < epsilons[1] < epsilons[2]
@@ -130,14 +130,14 @@ async def test_the_run_stops_before_the_round_that_would_pass_the_budget(tmp_pat
     coordinator, rows = await run_private(tmp_path, rounds=10, dp_noise_multiplier=3.0, dp_target_epsilon=budget)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["dp_epsilon"] <= budget
-    assert "round 4 would bring ε to" in coordinator.app.federation.stop_reason
+    assert "round 4 would bring ε to" in coordinator.app.run.stop_reason
 
 
 async def test_a_budget_without_a_noise_multiplier_calibrates_one_that_spends_it(tmp_path: Path) -> None:
     coordinator, rows = await run_private(tmp_path, rounds=3, dp_target_epsilon=5.0)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert rows[-1]["dp_epsilon"] == pytest.approx(5.0, rel=1e-3)
-    assert coordinator.app.federation.privacy.noise_multiplier > 0
+    assert coordinator.app.run.privacy.noise_multiplier > 0
 
 
 @pytest.mark.parametrize(
@@ -203,16 +203,16 @@ async def test_a_round_whose_sample_would_pass_the_budget_is_not_released(tmp_pa
     try:
         await registry.wait_for(4, 10)
         monkeypatch.setattr(registry, "live", shrinking)
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         await coordinator.close()
     assert [(r["round"], r["status"]) for r in rows] == [(0, "ok")]
     assert coordinator.rows[-1]["round"] == 1 and coordinator.rows[-1]["status"] == "failed"
-    assert "round 1 would bring ε to" in coordinator.app.federation.stop_reason
-    assert coordinator.app.federation.privacy.rounds == []  # nothing released
+    assert "round 1 would bring ε to" in coordinator.app.run.stop_reason
+    assert coordinator.app.run.privacy.rounds == []  # nothing released
     for key, value in coordinator.initial.items():
-        np.testing.assert_array_equal(coordinator.app.federation.adapter[key], value)
+        np.testing.assert_array_equal(coordinator.app.run.adapter[key], value)
 
 
 def test_adaptive_clipping_pays_for_the_count_with_update_noise_so_the_round_stays_at_z() -> None:
@@ -245,7 +245,7 @@ async def test_adaptive_clipping_follows_the_update_norms_and_resumes_from_the_c
     )  # fmt: skip
     sites = [await start_echo_site(coordinator.address, k, params=PARAMS, shift=0.01 * (k + 1)) for k in range(4)]
     try:
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         await coordinator.close()
@@ -253,10 +253,10 @@ async def test_adaptive_clipping_follows_the_update_norms_and_resumes_from_the_c
     assert norms[0] == 0.05 and all(b > a for a, b in zip(norms, norms[1:]))  # every update clipped: C grows
     assert all(abs(r["unclipped_fraction"]) < 0.6 for r in rows[1:])  # 0 of 4 within C, plus noise of 0.5/4
     checkpoint = RunOutputs(tmp_path).load_latest_checkpoint()
-    assert float(checkpoint.metadata["dp_clip_norm"]) == coordinator.app.federation.adaptive_clip.norm > norms[-1]
+    assert float(checkpoint.metadata["dp_clip_norm"]) == coordinator.app.run.adaptive_clip.norm > norms[-1]
     resumed = AdaptiveClip(0.05)
     resumed.resume(checkpoint.metadata)
-    assert resumed.norm == coordinator.app.federation.adaptive_clip.norm
+    assert resumed.norm == coordinator.app.run.adaptive_clip.norm
     assert rows[-1]["dp_epsilon"] == pytest.approx(PrivacyLedger(0.5, 1e-5, [(4, 4, 0.5)] * 4).epsilon())
 
 

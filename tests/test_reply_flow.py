@@ -116,7 +116,7 @@ async def test_coordinator_takes_no_more_replies_at_once_than_max_transfers(tmp_
         for k in range(trainers)
     ]
     try:
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         for server in servers:
             await server.stop(0)
@@ -124,7 +124,7 @@ async def test_coordinator_takes_no_more_replies_at_once_than_max_transfers(tmp_
     assert [r["status"] for r in rows] == ["ok"] * 3
     assert all(len(r["failures"]) == 0 for r in rows)
     assert CountingTrainer.most_sending <= max_transfers
-    final = coordinator.app.federation.adapter
+    final = coordinator.app.run.adapter
     assert all(np.allclose(final[k], coordinator.initial[k], rtol=1e-6) for k in final)  # the average of six echoes
 
 
@@ -138,7 +138,7 @@ async def test_answered_calls_stand_in_for_heartbeats(tmp_path: Path) -> None:
     sites = [await start_echo_site(coordinator.address, k, delay=0.1) for k in range(2)]
     try:
         started = asyncio.get_running_loop().time()
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
         seconds = asyncio.get_running_loop().time() - started
     finally:
         await stop_sites(sites)

@@ -34,7 +34,7 @@ async def test_hundred_trainers_register_once_and_health_stays_responsive(
     )  # fmt: skip
     trainers = start_echo_process(coordinator.address, first_partition=0, params=PARAMS, count=TRAINERS)
     latencies: list[float] = []
-    run = asyncio.create_task(coordinator.app.run())
+    run = asyncio.create_task(coordinator.app.execute())
     try:
         async with grpc.aio.insecure_channel(coordinator.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from coordinator.federation import RoundFailed
+from coordinator.run import RoundFailed
 from phalanx.secagg.masks import error_bound, levels
 from phalanx.v1 import trainer_pb2, trainer_pb2_grpc
 from tests.certs import Pki
@@ -65,7 +65,7 @@ async def federation(
 def moved(coordinator) -> np.ndarray:
     """How far the global adapter moved from the initial one, every coordinate."""
     return np.concatenate(
-        [(coordinator.app.federation.adapter[k] - v).ravel() for k, v in coordinator.initial.items()]
+        [(coordinator.app.run.adapter[k] - v).ravel() for k, v in coordinator.initial.items()]
     )
 
 
@@ -78,7 +78,7 @@ async def test_a_secure_round_is_the_weighted_fedavg_of_the_replies_and_traces_e
 ) -> None:
     coordinator, sites = await federation(tmp_path, pki, rounds=2)
     try:
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         await coordinator.close()
@@ -113,7 +113,7 @@ async def test_a_site_that_drops_after_sharing_its_keys_is_unmasked_with_its_nei
 ) -> None:
     coordinator, sites = await federation(tmp_path, pki, delays={2: 5.0}, round_timeout=2.0)
     try:
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         await coordinator.close()
@@ -134,7 +134,7 @@ async def test_a_wrong_length_masked_reply_is_rejected_and_the_sum_of_the_others
     honest = rounds.mask
     rounds.mask = lambda *args: MaskedUpdate(honest(*args).words[:-1], 0)  # one word short
     try:
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         await coordinator.close()
@@ -162,7 +162,7 @@ async def test_more_dropouts_than_the_threshold_allows_fail_the_round_and_releas
             RoundFailed,
             match=r"cannot remove the mask of site echo-[02]: 1 shares of its self-mask seed arrived, 2 needed",
         ):
-            await coordinator.app.run()
+            await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         await coordinator.close()
@@ -175,7 +175,7 @@ async def test_secure_aggregation_with_dp_adds_the_noise_at_the_sites_and_report
 ) -> None:
     coordinator, sites = await federation(tmp_path, pki, clip_norm=1.0, dp_noise_multiplier=2.0, rounds=1)
     try:
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         await coordinator.close()
@@ -197,7 +197,7 @@ async def test_adaptive_clipping_under_secure_aggregation_counts_unclipped_updat
         dp_clipped_count_stddev=0.2,
     )  # fmt: skip
     try:
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         await coordinator.close()

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from coordinator.federation import RoundFailed
+from coordinator.run import RoundFailed
 from phalanx.v1 import trainer_pb2, trainer_pb2_grpc
 from tests.fault_proxy import FaultProxy
 from tests.harness import kill, start_coordinator, start_echo_process, start_echo_site, stop_sites, wait_until
@@ -52,7 +52,7 @@ async def test_trainer_killed_mid_stream_is_dropped_and_round_completes(tmp_path
     proxy, process = await proxied_echo_process(coordinator.address, 2)
     proxy.throttle(direction, 2_000_000)  # bytes per second: the stream takes 6 s
     try:
-        run = asyncio.create_task(coordinator.app.run())
+        run = asyncio.create_task(coordinator.app.execute())
         await wait_until(lambda: len(coordinator.rows) == 1, timeout=60)  # round 0 (evaluation) is over
         before = proxy.forwarded[direction]
         await wait_until(lambda: proxy.forwarded[direction] > before + 2_000_000, timeout=60)
@@ -68,7 +68,7 @@ async def test_trainer_killed_mid_stream_is_dropped_and_round_completes(tmp_path
     assert row["status"] == "ok" and row["trainers_accepted"] == 2 and row["trainers_sampled"] == 3, phase_name
     assert failures(row)["echo-2"]["status"] == "failed"
     assert failures(row)["echo-2"]["code"] in {"UNAVAILABLE", "CANCELLED", "INTERNAL"}
-    np.testing.assert_allclose(coordinator.app.federation.adapter["layer.0.weight"], coordinator.initial["layer.0.weight"], rtol=1e-6)
+    np.testing.assert_allclose(coordinator.app.run.adapter["layer.0.weight"], coordinator.initial["layer.0.weight"], rtol=1e-6)
     assert coordinator.clients_counted()[("train", "failed", failures(row)["echo-2"]["code"])] == 1
 
 
@@ -78,7 +78,7 @@ async def test_too_few_replies_fail_the_round_with_a_message_naming_the_trainer(
     proxy, process = await proxied_echo_process(coordinator.address, 1)
     proxy.throttle("down", 2_000_000)
     try:
-        run = asyncio.create_task(coordinator.app.run())
+        run = asyncio.create_task(coordinator.app.execute())
         await wait_until(lambda: proxy.forwarded["down"] > 2_000_000, timeout=60)
         kill(process)
         with pytest.raises(RoundFailed, match=r"round 1: 1 accepted replies, need 2 \(echo-1: UNAVAILABLE"):
@@ -89,7 +89,7 @@ async def test_too_few_replies_fail_the_round_with_a_message_naming_the_trainer(
         await coordinator.close()
         await proxy.close()
     assert coordinator.rows[-1]["status"] == "failed"
-    assert coordinator.app.federation.completed_rounds == 0
+    assert coordinator.app.run.completed_rounds == 0
 
 
 async def test_killed_trainer_restarts_and_re_registers_without_a_duplicate(tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ async def test_killed_trainer_restarts_and_re_registers_without_a_duplicate(tmp_
     first = start_echo_process(coordinator.address, first_partition=2, params=PARAMS, listen=f"127.0.0.1:{port}")
     second = None
     try:
-        run = asyncio.create_task(coordinator.app.run())
+        run = asyncio.create_task(coordinator.app.execute())
         await wait_until(lambda: len(coordinator.rows) >= 1, timeout=60)  # round 0 is over; round 1 is training
         kill(first)
         second = start_echo_process(coordinator.address, first_partition=2, params=PARAMS, listen="127.0.0.1:0")
@@ -122,7 +122,7 @@ async def test_slow_trainer_is_cut_off_by_the_deadline_and_its_job_stops(tmp_pat
     sites = [await start_echo_site(coordinator.address, k) for k in range(2)]
     slow = await start_echo_site(coordinator.address, 2, delay=60.0)
     try:
-        rows = await asyncio.wait_for(coordinator.app.run(), timeout=60)
+        rows = await asyncio.wait_for(coordinator.app.execute(), timeout=60)
         # Each call (evaluate in round 0, train and evaluate in round 1) ran out of time, and each job
         # saw its stop flag within a moment of its deadline.
         await wait_until(lambda: slow.learner.stopped_jobs == 3, timeout=2)
@@ -143,7 +143,7 @@ async def test_network_partition_is_detected_by_keepalive_and_the_trainer_comes_
 
     def stop_once_back(row: dict) -> None:
         if healed.is_set() and row["trainers_accepted"] == 3:
-            coordinator.app.federation.stop_after_round()
+            coordinator.app.run.stop_after_round()
 
     coordinator = await start_coordinator(
         tmp_path, params=PARAMS, start_with=3, rounds=100, min_trainers=2, round_timeout=120, liveness_timeout=3,
@@ -161,7 +161,7 @@ async def test_network_partition_is_detected_by_keepalive_and_the_trainer_comes_
     )
     to_trainer.throttle("down", 2_000_000)
     try:
-        run = asyncio.create_task(coordinator.app.run())
+        run = asyncio.create_task(coordinator.app.execute())
         await wait_until(lambda: len(coordinator.rows) == 1, timeout=60)
         before = to_trainer.forwarded["down"]
         await wait_until(lambda: to_trainer.forwarded["down"] > before + 2_000_000, timeout=60)

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from coordinator.federation import RoundFailed
+from coordinator.run import RoundFailed
 from coordinator.registry import RegistryLimits
 from phalanx.codec import encode, layout_of, manifest_of
 from phalanx.pki import site_san
@@ -105,7 +105,7 @@ async def test_a_federation_over_mutual_tls_knows_its_sites_by_their_certificate
     coordinator = await start_coordinator(tmp_path, params=PARAMS, tls=pki.creds("coordinator"), rounds=2)
     sites = [await start_echo_site(coordinator.address, k, params=PARAMS, tls=pki.creds(f"echo-{k}")) for k in range(2)]
     try:
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         await coordinator.close()
@@ -131,7 +131,7 @@ async def test_outsiders_reach_neither_the_coordinator_nor_a_trainer(tmp_path: P
         assert await register(coordinator.address, credentials, register_request("site-a")) == grpc.StatusCode.UNAVAILABLE
         async with secure_channel(sites[0].node.address, credentials, site_san("echo-0")) as channel:
             assert await train_call(channel, good_header()) == grpc.StatusCode.UNAVAILABLE
-        rows = await coordinator.app.run()  # and the run goes on
+        rows = await coordinator.app.execute()  # and the run goes on
     finally:
         await stop_sites(sites)
         await coordinator.close()
@@ -253,7 +253,7 @@ async def test_a_reply_cannot_claim_more_examples_than_its_site_registered(tmp_p
     assert (failure["trainer"], failure["status"], failure["code"]) == ("rogue", "rejected", "INVALID_ARGUMENT")
     assert "claims 1000000000000 training examples; site rogue registered 100" in failure["reason"]
     for key, value in coordinator.initial.items():
-        np.testing.assert_allclose(coordinator.app.federation.adapter[key], value, rtol=1e-6)
+        np.testing.assert_allclose(coordinator.app.run.adapter[key], value, rtol=1e-6)
 
 
 async def test_the_allowlist_caps_a_sites_weight(tmp_path: Path) -> None:
@@ -264,7 +264,7 @@ async def test_the_allowlist_caps_a_sites_weight(tmp_path: Path) -> None:
     rows = await run_with_rogue(coordinator, sending(target), params=PARAMS)
     assert rows[-1]["trainers_accepted"] == 3
     for key, value in coordinator.initial.items():  # weights 100, 100 and 1: the rogue moves it by 201 / 201
-        np.testing.assert_allclose(coordinator.app.federation.adapter[key], value + 1.0, rtol=1e-4)
+        np.testing.assert_allclose(coordinator.app.run.adapter[key], value + 1.0, rtol=1e-4)
 
 
 async def test_an_aggregate_that_is_not_finite_is_refused_and_the_previous_adapter_stays(tmp_path: Path) -> None:
@@ -275,15 +275,15 @@ async def test_an_aggregate_that_is_not_finite_is_refused_and_the_previous_adapt
     ]
     try:
         with pytest.raises(RoundFailed, match="the aggregate is not finite"):
-            await coordinator.app.run()
+            await coordinator.app.execute()
     finally:
         for rogue in rogues:
             await rogue.stop(0)
         await coordinator.close()
     assert coordinator.rows[-1]["round"] == 1 and coordinator.rows[-1]["status"] == "failed"
     for key, value in coordinator.initial.items():
-        np.testing.assert_array_equal(coordinator.app.federation.adapter[key], value)
-    assert coordinator.app.federation.outputs.load_latest_checkpoint() is None
+        np.testing.assert_array_equal(coordinator.app.run.adapter[key], value)
+    assert coordinator.app.run.outputs.load_latest_checkpoint() is None
 
 
 class Stalling(RogueTrainer):
@@ -308,7 +308,7 @@ async def test_trainers_that_stall_their_reply_lose_their_transfer_slot_not_the_
     ]
     sites = [await start_echo_site(coordinator.address, k, params=PARAMS) for k in range(2)]
     try:
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         await stop_sites(sites)
         for server in stalling:
@@ -407,7 +407,7 @@ async def test_the_allowlist_admits_only_its_sites_and_a_removed_site_is_no_long
     try:
         with pytest.raises(RegistrationRefused, match="PERMISSION_DENIED: .site echo-2 is not in the coordinator's --allow-sites"):
             await asyncio.wait_for(outsider.task, 10)
-        rows = await coordinator.app.run()
+        rows = await coordinator.app.execute()
     finally:
         await stop_sites([*sites, outsider])
         await coordinator.close()

@@ -21,6 +21,7 @@ from phalanx.cli import (
 )
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
 from phalanx.rpc import TlsCredentials, check_plaintext
+from trainer.learners import DEFAULT_CAPACITY
 from trainer.service import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_LOCAL_STEPS, WorkLimits
 
 log = logging.getLogger("trainer")
@@ -43,6 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE, help="largest batch one request may ask for"
     )
+    parser.add_argument(
+        "--models", default="",
+        help="comma-separated backbones this site may load for the runs of a serving coordinator, besides --model",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-learners", type=int, default=DEFAULT_CAPACITY, help="run models kept loaded at once (serving coordinator)"
+    )
     add_common_arguments(parser)
     return parser
 
@@ -51,12 +59,22 @@ async def serve(args: argparse.Namespace, tls: TlsCredentials | None) -> str:
     from phalanx.sites import load_site
     from phalanx.telemetry import Telemetry
     from trainer.learner import Learner
+    from trainer.learners import Learners
     from trainer.node import NodeConfig, TrainerNode
 
     data = data_config(args)
     site = await asyncio.to_thread(load_site, data, args.partition, args.num_partitions)
     labels = site.train.label_names
-    learner = await asyncio.to_thread(Learner, model_config(args, len(labels)), site)
+    own_config = model_config(args, len(labels))
+    learner = await asyncio.to_thread(Learner, own_config, site)
+    learners = Learners(
+        learner,
+        own_config,
+        labels,
+        models=[m.strip() for m in args.models.split(",") if m.strip()],
+        build=lambda config: Learner(config, site),
+        capacity=args.max_learners,
+    )
     log.info("partition %d: %d train / %d test examples", args.partition, len(site.train), len(site.test))
     telemetry = Telemetry.create("phalanx-trainer", attributes={"fl.partition": args.partition})
     node = TrainerNode(
@@ -74,6 +92,7 @@ async def serve(args: argparse.Namespace, tls: TlsCredentials | None) -> str:
         learner,
         telemetry,
         labels,
+        learners=learners,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -89,8 +108,8 @@ async def serve(args: argparse.Namespace, tls: TlsCredentials | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_with_config(parser, argv)
-    if args.max_local_steps < 1 or args.max_batch_size < 1:
-        parser.error("--max-local-steps and --max-batch-size must be at least 1")
+    if args.max_local_steps < 1 or args.max_batch_size < 1 or args.max_learners < 1:
+        parser.error("--max-local-steps, --max-batch-size and --max-learners must be at least 1")
     tls = tls_credentials(parser, args)
     try:
         check_plaintext(args.listen, tls, args.insecure, listening=True)

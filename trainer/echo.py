@@ -6,12 +6,15 @@ stand in for sites in load and fault tests. They need no torch, so hundreds star
     python -m trainer.echo --coordinator 127.0.0.1:50051 --count 8 --params 74883
 
 The coordinator must run with the same adapter layout: `synthetic_adapter(params, tensors)`.
+With `--models`, the sites instead take the layout of those real backbones (LoRA settings as the
+run asks), so they can serve the runs of a serving coordinator that name one of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -22,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from phalanx.model import ModelConfig
 from phalanx.rpc import TlsCredentials
 from trainer.jobs import EvalOutcome, Stopped, TrainOutcome
+from trainer.learners import Learners
 
 log = logging.getLogger("trainer.echo")
 
@@ -98,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", type=int, default=DEFAULT_PARAMS, help="adapter parameters")
     parser.add_argument("--tensors", type=int, default=DEFAULT_TENSORS, help="adapter tensors")
     parser.add_argument("--labels", default="negative,neutral,positive", help="label names, comma-separated")
+    parser.add_argument(
+        "--models", default="", help="comma-separated backbones whose real adapter layouts the sites serve (needs torch)"
+    )
     parser.add_argument("--delay", type=float, default=0.0, help="seconds each job waits before it answers")
     parser.add_argument("--give-up-after", type=float, default=60.0, help="exit if the coordinator is unreachable this long")
     parser.add_argument(
@@ -119,11 +127,36 @@ def echo_credentials(certs: Path | None, partition: int) -> TlsCredentials | Non
     return TlsCredentials.load(certs / "ca.pem", certs / f"{name}.pem", certs / f"{name}.key")
 
 
+@functools.cache
+def model_layout(config: ModelConfig) -> dict[str, np.ndarray]:
+    """The adapter of a real backbone with `config`'s LoRA settings: what a real site would send."""
+    from phalanx.model import adapter_state, build_model
+
+    return adapter_state(build_model(config))
+
+
+def echo_learners(models: list[str], labels: tuple[str, ...], delay: float) -> Learners | None:
+    """Learners that echo adapters laid out as `models` are, the first one's as the site's own; None without models."""
+    if not models:
+        return None
+    own = ModelConfig(model=models[0], num_labels=len(labels))
+    return Learners(
+        EchoLearner(model_layout(own), delay=delay),
+        own,
+        labels,
+        models=models,
+        build=lambda config: EchoLearner(model_layout(config), delay=delay),
+    )
+
+
 async def serve(args: argparse.Namespace) -> None:
     from phalanx.telemetry import Telemetry
     from trainer.node import NodeConfig, TrainerNode
 
     layout = synthetic_adapter(args.params, args.tensors)
+    labels = tuple(args.labels.split(","))
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    learners = [await asyncio.to_thread(echo_learners, models, labels, args.delay) for _ in range(args.count)]
     host, port = args.listen.rsplit(":", 1)
     telemetry = Telemetry.create("phalanx-trainer")
     nodes = [
@@ -137,9 +170,10 @@ async def serve(args: argparse.Namespace) -> None:
                 give_up_after=args.give_up_after,
                 tls=echo_credentials(args.certs, args.first_partition + i),
             ),
-            EchoLearner(layout, delay=args.delay),
+            learners[i].own if learners[i] is not None else EchoLearner(layout, delay=args.delay),
             telemetry,
-            tuple(args.labels.split(",")),
+            labels,
+            learners=learners[i],
         )
         for i in range(args.count)
     ]

@@ -12,11 +12,13 @@ import grpc
 
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, layout_of, manifest_of
 from phalanx.identity import printable
+from phalanx.model import ModelConfig
 from phalanx.pki import ROLE_SITE
 from phalanx.rpc import Server, TlsCredentials, create_channel
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from trainer.jobs import LocalWork
+from trainer.learners import Learners
 from trainer.service import TrainerServicer, WorkLimits
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,17 @@ def backoff_delays(first: float = BACKOFF_FIRST_SECONDS, cap: float = BACKOFF_MA
 
 
 class TrainerNode:
-    def __init__(self, config: NodeConfig, learner: LocalWork, telemetry: Telemetry, label_names: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        learner: LocalWork,
+        telemetry: Telemetry,
+        label_names: tuple[str, ...],
+        *,
+        learners: Learners | None = None,
+    ) -> None:
+        """`learner` serves the run the site joins at registration; `learners` (holding `learner` as
+        its own) serves the runs of a coordinator that serves many; by default only `learner`'s."""
         self.config = config
         self._learner = learner
         self._telemetry = telemetry
@@ -86,7 +98,7 @@ class TrainerNode:
         self._end_reason = ""
         self._server = Server(telemetry, [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name], config.tls)
         servicer = TrainerServicer(
-            learner,
+            learners or Learners(learner, ModelConfig(num_labels=len(label_names)), label_names),
             telemetry,
             partition=config.partition,
             on_end_run=self.end_run,

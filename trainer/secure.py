@@ -1,4 +1,4 @@
-"""A site's side of secure aggregation across rounds: one `SiteRound` at a time, refusing replays.
+"""A site's side of secure aggregation across rounds: one `SiteRound` at a time per run, refusing replays.
 
 The servicer hands each stage's request here; errors are SecAggError and its subclasses
 (`phalanx.streams.status_for_secagg` names their gRPC status). The update a site masks is its
@@ -14,6 +14,7 @@ import functools
 import logging
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,6 +33,17 @@ from phalanx.v1 import trainer_pb2
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+MAX_RUNS = 64
+"""Runs whose secure rounds a site keeps track of; the least recently keyed beyond that are forgotten."""
+
+
+@dataclass
+class _RunRounds:
+    """One run's open round (if any) and the latest (round, attempt) keyed in it."""
+
+    round: SiteRound | None = None
+    keyed: tuple[int, int] = (-1, -1)
 
 
 @dataclass(frozen=True)
@@ -56,21 +68,18 @@ class SecureRounds:
         self.site = tls.identity.name
         self._signer = Signer(tls.cert, tls.key)
         self._verifier = Verifier(tls.ca)
-        self._round: SiteRound | None = None
-        self._run_id = ""
-        self._keyed = (-1, -1)  # (round, attempt) keyed last in that run
+        self._runs: OrderedDict[str, _RunRounds] = OrderedDict()
         self._lock = threading.Lock()  # steps run in worker threads: one at a time
 
     @_locked
     def advertise(self, request: trainer_pb2.AdvertiseKeysRequest) -> trainer_pb2.AdvertiseKeysResponse:
         """Make the round's keys. A round and attempt no later than the last keyed is refused (a replay)."""
         context = messages.context_of(request.round)
-        if context.run_id != self._run_id:
-            self._run_id, self._keyed = context.run_id, (-1, -1)
-        if (context.round, context.attempt) <= self._keyed:
+        run = self._runs.get(context.run_id) or _RunRounds()
+        if (context.round, context.attempt) <= run.keyed:
             raise OutOfOrder(
                 f"round {context.round} attempt {context.attempt} is closed: this site has made keys "
-                f"for round {self._keyed[0]} attempt {self._keyed[1]}"
+                f"for round {run.keyed[0]} attempt {run.keyed[1]}"
             )
         setup = Setup(
             context,
@@ -80,9 +89,13 @@ class SecureRounds:
         )
         if self.site not in setup.position:
             raise SecAggError(f"site {self.site} is not among the round's participants")
-        self._keyed = (context.round, context.attempt)
-        self._round = SiteRound(setup, self.site, self._signer, self._verifier)
-        return trainer_pb2.AdvertiseKeysResponse(keys=messages.keys_to_message(self._round.keys()))
+        run.keyed = (context.round, context.attempt)
+        run.round = SiteRound(setup, self.site, self._signer, self._verifier)
+        self._runs[context.run_id] = run
+        self._runs.move_to_end(context.run_id)
+        while len(self._runs) > MAX_RUNS:
+            self._runs.popitem(last=False)
+        return trainer_pb2.AdvertiseKeysResponse(keys=messages.keys_to_message(run.round.keys()))
 
     @_locked
     def share(self, request: trainer_pb2.ShareKeysRequest) -> trainer_pb2.ShareKeysResponse:
@@ -119,12 +132,14 @@ class SecureRounds:
     @_locked
     def mask(
         self,
+        run_id: str,
         received: Mapping[str, np.ndarray],
         trained: Mapping[str, np.ndarray],
         secure: trainer_pb2.SecureAggregation,
     ) -> MaskedUpdate:
         """The masked update of a trained adapter. CPU work: call it in a worker thread."""
-        current = self._round
+        run = self._runs.get(run_id)
+        current = run.round if run is not None else None
         if current is None:
             raise OutOfOrder("this site's secure-aggregation round closed while it trained")
         size = sum(np.size(a) for a in received.values())
@@ -156,16 +171,17 @@ class SecureRounds:
         seeds, keys = current.unmask(
             messages.names(request.survivors, "survivors"), messages.names(request.dropped, "dropped sites")
         )
-        self._round = None
+        self._runs[current.setup.context.run_id].round = None
         return trainer_pb2.UnmaskResponse(
             seed_shares=messages.revealed_list(seeds), key_shares=messages.revealed_list(keys)
         )
 
     def _current(self, context: Context) -> SiteRound:
-        current = self._round
+        run = self._runs.get(context.run_id) or _RunRounds()
+        current = run.round
         if current is None or current.setup.context != context:
             raise OutOfOrder(
                 f"this site has no open secure-aggregation round {context.round} attempt {context.attempt} "
-                f"of run {printable(context.run_id)} (last keyed: round {self._keyed[0]} attempt {self._keyed[1]})"
+                f"of run {printable(context.run_id)} (last keyed: round {run.keyed[0]} attempt {run.keyed[1]})"
             )
         return current

@@ -3,6 +3,9 @@
 Over TLS only the coordinator (a certificate with its role) is served. Every request must be for
 the run this trainer joined at registration, for a round no later than that run's last and not
 earlier than one already served, and ask for no more local work than `WorkLimits` allows.
+Registered with a coordinator that serves many runs, the trainer serves any run whose RunSpec
+it can (`trainer.learners`), keeping those checks per run. Jobs run one at a time, in the order
+they arrive, whatever run they belong to.
 Secure aggregation's stages (`trainer.secure`) need the site's certificate: it signs the keys.
 """
 
@@ -14,22 +17,24 @@ import logging
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
 
-from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterError, encode, layout_of
+from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterError, check_layout, encode, layout_of, parse_manifest
 from phalanx.identity import escaped, printable
 from phalanx.pki import ROLE_COORDINATOR
 from phalanx.rpc import TlsCredentials, require_peer
 from phalanx.secagg.errors import SecAggError
 from phalanx.secagg.messages import MASKED_TENSOR
-from phalanx.streams import discard_rest, expect_end, read_adapter, status_for, status_for_secagg
+from phalanx.streams import UNSERVABLE_KEY, discard_rest, expect_end, read_adapter, status_for, status_for_secagg
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import adapter_pb2, trainer_pb2, trainer_pb2_grpc
 from trainer.jobs import EvalOutcome, LocalWork, Stopped, TrainOutcome
+from trainer.learners import Learners, Unservable
 from trainer.secure import SecureRounds
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,9 @@ Outcome = TypeVar("Outcome", TrainOutcome, EvalOutcome)
 JOIN_GRACE_SECONDS = 5.0
 """How long a call that comes before this trainer has heard its Register reply waits for it: the
 coordinator may call a site as soon as it has registered it, before the reply reaches the site."""
+MAX_RUNS = 256
+"""Runs whose latest round a site serving many runs remembers (to refuse replays); older ones are forgotten."""
+MAX_RUN_ID_CHARS = 128
 DEFAULT_MAX_LOCAL_STEPS = 1_000
 DEFAULT_MAX_BATCH_SIZE = 256
 
@@ -55,7 +63,7 @@ class WorkLimits:
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def __init__(
         self,
-        learner: LocalWork,
+        learners: Learners,
         telemetry: Telemetry,
         *,
         partition: int,
@@ -66,21 +74,23 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> None:
         """With `tls`, serve only callers whose verified certificate has the coordinator's role, and
         take part in secure aggregation, signing with the site's certificate key."""
-        self._learner = learner
+        self._learners = learners
         self._partition = partition
         self._on_end_run = on_end_run
         self._max_bytes = max_adapter_bytes
         self._secure = tls is not None
         self._secure_rounds = SecureRounds(tls) if tls is not None else None
         self._limits = limits
-        self._expected = layout_of(learner.layout_adapter)
+        self._expected = layout_of(learners.own.layout_adapter)
         # Held by the worker thread, not the event loop: a job whose call was cancelled keeps it
         # until its thread notices the stop flag, so two jobs never share the model.
         self._model_lock = threading.Lock()
+        self._turns = asyncio.Lock()  # waiters are woken first come, first served: runs take turns
         self._run_id = ""  # the run joined at registration
+        self._serving_many = False  # registered with a coordinator that serves many runs
         self._joined = asyncio.Event()
         self._last_round = 0
-        self._latest = 0  # highest round of that run asked for
+        self._latest: OrderedDict[str, int] = OrderedDict()  # highest round asked for, by run
         self.last_call = -math.inf
         """time.monotonic() when a Train or Evaluate call last started or ended."""
         self._tracer = telemetry.tracer()
@@ -93,9 +103,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> AsyncIterator[trainer_pb2.TrainResponse]:
         range_clipped = 0
 
-        def train(header: trainer_pb2.TrainHeader, adapter: Adapter, stop: threading.Event) -> TrainOutcome:
+        def train(
+            header: trainer_pb2.TrainHeader, adapter: Adapter, learner: LocalWork, stop: threading.Event
+        ) -> TrainOutcome:
             nonlocal range_clipped
-            outcome = self._learner.train(
+            outcome = learner.train(
                 adapter,
                 steps=header.local_steps,
                 batch_size=header.batch_size,
@@ -106,11 +118,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             if not header.HasField("secure_aggregation"):
                 return outcome
             assert self._secure_rounds is not None  # checked by begin_secure
-            masked = self._secure_rounds.mask(adapter, outcome.adapter, header.secure_aggregation)
+            masked = self._secure_rounds.mask(header.run_id, adapter, outcome.adapter, header.secure_aggregation)
             range_clipped = masked.range_clipped
             return replace(outcome, adapter={MASKED_TENSOR: masked.words})
 
-        header, outcome = await self._serve("train", request_iterator, context, train, self._begin_secure)
+        header, outcome, learner = await self._serve("train", request_iterator, context, train, self._begin_secure)
         secure = header.HasField("secure_aggregation")
         encoded = encode(
             outcome.adapter,
@@ -120,7 +132,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             result=trainer_pb2.TrainResult(
                 run_id=header.run_id,
                 round=header.round,
-                num_examples=self._learner.num_train_examples,
+                num_examples=learner.num_train_examples,
                 examples_seen=outcome.examples_seen,
                 steps=outcome.steps,
                 loss=outcome.loss,
@@ -138,12 +150,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def Evaluate(
         self, request_iterator: AsyncIterator[trainer_pb2.EvaluateRequest], context: grpc.aio.ServicerContext
     ) -> trainer_pb2.EvaluateResponse:
-        def evaluate(header: trainer_pb2.EvaluateHeader, adapter: Adapter, stop: threading.Event) -> EvalOutcome:
-            return self._learner.evaluate(
+        def evaluate(
+            header: trainer_pb2.EvaluateHeader, adapter: Adapter, learner: LocalWork, stop: threading.Event
+        ) -> EvalOutcome:
+            return learner.evaluate(
                 adapter, batch_size=header.batch_size or 64, max_examples=header.max_examples, stop=stop
             )
 
-        header, outcome = await self._serve("evaluate", request_iterator, context, evaluate)
+        header, outcome, _ = await self._serve("evaluate", request_iterator, context, evaluate)
         await self._end_of_requests(request_iterator, context)
         return trainer_pb2.EvaluateResponse(
             run_id=header.run_id,
@@ -168,10 +182,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self, request: trainer_pb2.AdvertiseKeysRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.AdvertiseKeysResponse:
         rounds = await self._secure_stage(request.round, context)
-        await self._check_round(request.round.round, context)
+        run_id = request.round.run_id
+        await self._check_round(run_id, request.round.round, None if self._serving_many else self._last_round, context)
         # Two key pairs and a signature: less than a thread hop would cost.
         response = await self._secagg(context, rounds.advertise, request, worker=False)
-        self._latest = request.round.round
+        self._served(run_id, request.round.round)
         return response
 
     async def ShareKeys(
@@ -214,9 +229,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             await context.abort(status_for_secagg(exc), str(exc))
 
     def join(self, run_id: str, last_round: int) -> None:
-        """Serve calls for `run_id` (rounds up to `last_round`) from now on; a new run starts its rounds afresh."""
-        if run_id != self._run_id:
-            self._latest = 0
+        """Serve calls for `run_id` (rounds up to `last_round`) from now on; an empty `run_id` serves
+        any run (the coordinator serves many). A new run starts its rounds afresh."""
+        self._serving_many = not run_id
+        if run_id and run_id != self._run_id:
+            self._latest.clear()
         self._run_id, self._last_round = run_id, last_round
         self._joined.set()
 
@@ -225,10 +242,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         phase: str,
         requests: AsyncIterator,
         context: grpc.aio.ServicerContext,
-        work: Callable[[Any, Adapter, threading.Event], Outcome],
+        work: Callable[[Any, Adapter, LocalWork, threading.Event], Outcome],
         prepare: Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]] | None = None,
-    ) -> tuple[Any, Outcome]:
-        """Receive a header and adapter, check the round, `prepare`, run `work` in a worker thread; record it all."""
+    ) -> tuple[Any, Outcome, LocalWork]:
+        """Receive a header and adapter, check the round, find the learner, `prepare`, run `work` in a
+        worker thread; record it all."""
         await self._check_caller(context, requests)
         self.last_call = time.monotonic()
         try:
@@ -236,9 +254,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 header, adapter = await self._receive(requests, context)
                 span.set_attribute("fl.round", header.round)
                 await self._check_request(header, context)
+                learner = await self._learner_for(header, context)
                 if prepare is not None:
                     await prepare(header, context)
-                outcome = await self._in_worker(context, lambda stop: work(header, adapter, stop))
+                outcome = await self._in_worker(context, lambda stop: work(header, adapter, learner, stop))
                 examples = outcome.examples_seen if isinstance(outcome, TrainOutcome) else outcome.num_examples
                 span.set_attributes({"fl.examples": examples, "fl.loss": outcome.loss})
                 if isinstance(outcome, EvalOutcome):
@@ -246,7 +265,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 attrs = {"fl.partition": self._partition, "fl.phase": phase}
                 self._examples.add(examples, attrs)
                 self._loss.record(outcome.loss, attrs)
-                return header, outcome
+                return header, outcome, learner
         finally:
             self.last_call = time.monotonic()
 
@@ -260,7 +279,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             header, adapter, _ = await read_adapter(
                 requests,
                 "header",
-                expected=self._expected,
+                # Serving many runs, the layout is checked against the run's learner once it is known.
+                expected=None if self._serving_many else self._expected,
                 match_dtype=False,
                 max_bytes=self._max_bytes,
                 until_complete=True,  # the work starts once the bytes are in; the stream ends later
@@ -283,12 +303,35 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         if self._secure:
             await require_peer(context, ROLE_COORDINATOR, requests)
 
+    async def _learner_for(self, header: Any, context: grpc.aio.ServicerContext) -> LocalWork:
+        """The site's own learner, or the one for the run the header names when serving many runs;
+        a run the site cannot serve is FAILED_PRECONDITION, marked so that the run stops asking."""
+        if not self._serving_many:
+            return self._learners.own
+        if not header.HasField("run"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request names no run spec (model and labels)")
+        try:
+            config = self._learners.config_for(header.run)
+            learner = await self._in_worker(context, lambda stop: self._learners.get(config))
+            check_layout(parse_manifest(header.adapter), layout_of(learner.layout_adapter), match_dtype=False)
+        except Unservable as exc:
+            log.warning("refused run %s: %s", printable(header.run_id), exc)
+            context.set_trailing_metadata(((UNSERVABLE_KEY, "1"),))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot serve this run: {exc}")
+        except AdapterError as exc:
+            await context.abort(status_for(exc), f"rejected adapter: {exc}")
+        return learner
+
     async def _check_run(self, run_id: str, context: grpc.aio.ServicerContext) -> None:
-        if not self._run_id:
+        if not self._joined.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._joined.wait(), JOIN_GRACE_SECONDS)
-        if not self._run_id:
+        if not self._joined.is_set():
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this trainer has not joined a run yet")
+        if self._serving_many:
+            if not 0 < len(run_id) <= MAX_RUN_ID_CHARS:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a run id has 1-{MAX_RUN_ID_CHARS} characters")
+            return
         if run_id != self._run_id:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -298,7 +341,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def _check_request(self, header: Any, context: grpc.aio.ServicerContext) -> None:
         """Refuse another run, a round past the run's last or before one already served (a replay), and too much work."""
         await self._check_run(header.run_id, context)
-        await self._check_round(header.round, context)
+        last_round = header.run.last_round if self._serving_many else self._last_round
+        await self._check_round(header.run_id, header.round, last_round, context)
         limits = self._limits
         problems = []
         training = isinstance(header, trainer_pb2.TrainHeader)
@@ -311,19 +355,29 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 problems.append(f"learning rate {header.learning_rate} is not a positive number")
         if problems:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused local work: " + "; ".join(problems))
-        self._latest = header.round
+        self._served(header.run_id, header.round)
 
-    async def _check_round(self, round_: int, context: grpc.aio.ServicerContext) -> None:
-        """Refuse a round past the run's last, or before one already served (a replay)."""
-        if round_ > self._last_round:
+    async def _check_round(
+        self, run_id: str, round_: int, last_round: int | None, context: grpc.aio.ServicerContext
+    ) -> None:
+        """Refuse a round past the run's last (when known), or before one already served (a replay)."""
+        if last_round is not None and round_ > last_round:
             await context.abort(
-                grpc.StatusCode.OUT_OF_RANGE, f"round {round_} is past the last round ({self._last_round}) of run {self._run_id}"
+                grpc.StatusCode.OUT_OF_RANGE, f"round {round_} is past the last round ({last_round}) of run {escaped(run_id, MAX_RUN_ID_CHARS)}"
             )
-        if round_ < self._latest:
+        latest = self._latest.get(run_id, 0)
+        if round_ < latest:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"round {round_} of run {self._run_id} is closed: this trainer has already served round {self._latest}",
+                f"round {round_} of run {escaped(run_id, MAX_RUN_ID_CHARS)} is closed: this trainer has already served round {latest}",
             )
+
+    def _served(self, run_id: str, round_: int) -> None:
+        """Remember the latest round asked of `run_id`, for the most recent MAX_RUNS runs."""
+        self._latest[run_id] = round_
+        self._latest.move_to_end(run_id)
+        while len(self._latest) > MAX_RUNS:
+            self._latest.popitem(last=False)
 
     async def _in_worker(self, context: grpc.aio.ServicerContext, job: Callable[[threading.Event], T]) -> T:
         """Run `job` in a worker thread, one at a time; a cancelled call sets its stop flag."""
@@ -334,7 +388,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 return job(stop)
 
         try:
-            return await asyncio.to_thread(locked)
+            async with self._turns:
+                return await asyncio.to_thread(locked)
         except asyncio.CancelledError:
             stop.set()
             raise

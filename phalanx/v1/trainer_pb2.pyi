@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainHeader(_message.Message):
-    __slots__ = ("run_id", "round", "local_steps", "batch_size", "learning_rate", "seed", "reply_dtype", "adapter", "secure_aggregation")
+    __slots__ = ("run_id", "round", "local_steps", "batch_size", "learning_rate", "seed", "reply_dtype", "adapter", "secure_aggregation", "run")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class TrainHeader(_message.Message):
     REPLY_DTYPE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     local_steps: int
@@ -27,7 +28,28 @@ class TrainHeader(_message.Message):
     reply_dtype: _adapter_pb2.DataType
     adapter: _adapter_pb2.AdapterManifest
     secure_aggregation: SecureAggregation
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., reply_dtype: _Optional[_Union[_adapter_pb2.DataType, str]] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ...) -> None: ...
+    run: RunSpec
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., reply_dtype: _Optional[_Union[_adapter_pb2.DataType, str]] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ...) -> None: ...
+
+class RunSpec(_message.Message):
+    __slots__ = ("model", "label_names", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_length", "last_round")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
+    LORA_R_FIELD_NUMBER: _ClassVar[int]
+    LORA_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    LORA_DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    label_names: _containers.RepeatedScalarFieldContainer[str]
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    target_modules: _containers.RepeatedScalarFieldContainer[str]
+    max_length: int
+    last_round: int
+    def __init__(self, model: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., last_round: _Optional[int] = ...) -> None: ...
 
 class SecureAggregation(_message.Message):
     __slots__ = ("attempt", "shares", "weight_share", "clip_range", "clip_norm", "noise_std", "count_unclipped", "count_noise_std")
@@ -88,18 +110,20 @@ class TrainResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[TrainResult, _Mapping]] = ..., chunk: _Optional[_Union[_adapter_pb2.AdapterChunk, _Mapping]] = ...) -> None: ...
 
 class EvaluateHeader(_message.Message):
-    __slots__ = ("run_id", "round", "batch_size", "max_examples", "adapter")
+    __slots__ = ("run_id", "round", "batch_size", "max_examples", "adapter", "run")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    RUN_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     batch_size: int
     max_examples: int
     adapter: _adapter_pb2.AdapterManifest
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_examples: _Optional[int] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ...) -> None: ...
+    run: RunSpec
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_examples: _Optional[int] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
     __slots__ = ("header", "chunk")

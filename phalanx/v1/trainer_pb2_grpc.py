@@ -28,9 +28,12 @@ if _version_not_supported:
 class TrainerServiceStub:
     """Served by every trainer (site). The coordinator calls it once per sampled trainer and round.
     Over TLS only a caller whose certificate has the coordinator's role is served (otherwise
-    UNAUTHENTICATED or PERMISSION_DENIED). Every call must name the run the trainer joined
-    (FAILED_PRECONDITION otherwise) and a round no later than that run's last (OUT_OF_RANGE); a
-    request for more local work than the trainer allows is INVALID_ARGUMENT.
+    UNAUTHENTICATED or PERMISSION_DENIED). A trainer that joined one run at registration serves
+    only that run (FAILED_PRECONDITION otherwise); one registered with a coordinator that serves
+    many runs serves any run whose RunSpec it can: a model it does not hold, or other labels, is
+    FAILED_PRECONDITION. Either way a round later than the run's last is OUT_OF_RANGE, and a
+    request for more local work than the trainer allows is INVALID_ARGUMENT. A site works on one
+    job at a time, taking calls of all runs in the order they arrive.
     """
 
     def __init__(self, channel):
@@ -74,9 +77,12 @@ class TrainerServiceStub:
 class TrainerServiceServicer:
     """Served by every trainer (site). The coordinator calls it once per sampled trainer and round.
     Over TLS only a caller whose certificate has the coordinator's role is served (otherwise
-    UNAUTHENTICATED or PERMISSION_DENIED). Every call must name the run the trainer joined
-    (FAILED_PRECONDITION otherwise) and a round no later than that run's last (OUT_OF_RANGE); a
-    request for more local work than the trainer allows is INVALID_ARGUMENT.
+    UNAUTHENTICATED or PERMISSION_DENIED). A trainer that joined one run at registration serves
+    only that run (FAILED_PRECONDITION otherwise); one registered with a coordinator that serves
+    many runs serves any run whose RunSpec it can: a model it does not hold, or other labels, is
+    FAILED_PRECONDITION. Either way a round later than the run's last is OUT_OF_RANGE, and a
+    request for more local work than the trainer allows is INVALID_ARGUMENT. A site works on one
+    job at a time, taking calls of all runs in the order they arrive.
     """
 
     def Train(self, request_iterator, context):
@@ -177,9 +183,12 @@ def add_TrainerServiceServicer_to_server(servicer, server):
 class TrainerService:
     """Served by every trainer (site). The coordinator calls it once per sampled trainer and round.
     Over TLS only a caller whose certificate has the coordinator's role is served (otherwise
-    UNAUTHENTICATED or PERMISSION_DENIED). Every call must name the run the trainer joined
-    (FAILED_PRECONDITION otherwise) and a round no later than that run's last (OUT_OF_RANGE); a
-    request for more local work than the trainer allows is INVALID_ARGUMENT.
+    UNAUTHENTICATED or PERMISSION_DENIED). A trainer that joined one run at registration serves
+    only that run (FAILED_PRECONDITION otherwise); one registered with a coordinator that serves
+    many runs serves any run whose RunSpec it can: a model it does not hold, or other labels, is
+    FAILED_PRECONDITION. Either way a round later than the run's last is OUT_OF_RANGE, and a
+    request for more local work than the trainer allows is INVALID_ARGUMENT. A site works on one
+    job at a time, taking calls of all runs in the order they arrive.
     """
 
     @staticmethod
