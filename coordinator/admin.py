@@ -29,7 +29,6 @@ STATUSES = {
     "failed": run_pb2.RUN_STATUS_FAILED,
     "stopped": run_pb2.RUN_STATUS_STOPPED,
 }
-STATE_NAMES = {status: name for name, status in STATUSES.items()}
 
 
 def run_info(record: RunRecord) -> run_pb2.RunInfo:

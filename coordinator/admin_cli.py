@@ -27,13 +27,6 @@ from phalanx.v1 import run_pb2, run_pb2_grpc
 
 COMMANDS = ("submit", "runs", "stop", "logs")
 CALL_TIMEOUT_SECONDS = 30.0
-STATE_NAMES = {
-    run_pb2.RUN_STATUS_PENDING: "pending",
-    run_pb2.RUN_STATUS_RUNNING: "running",
-    run_pb2.RUN_STATUS_COMPLETED: "completed",
-    run_pb2.RUN_STATUS_FAILED: "failed",
-    run_pb2.RUN_STATUS_STOPPED: "stopped",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe(run: run_pb2.RunInfo) -> str:
-    state = STATE_NAMES.get(run.status, "unknown")
+    state = run_pb2.RunStatus.Name(run.status).removeprefix("RUN_STATUS_").lower()
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created))
     reason = f"  {run.reason}" if run.reason else ""
     return f"{run.id}  {state:<9}  {run.completed_rounds:>3}/{run.rounds:<3}  {created}{reason}"
