@@ -30,6 +30,7 @@ from pathlib import Path
 from phalanx.cli import (
     HelpFormatter,
     add_common_arguments,
+    compute_flags,
     configure_logging,
     data_config,
     label_names,
@@ -41,6 +42,7 @@ from phalanx.cli import (
 from coordinator.config import CoordinatorConfig, FederationConfig
 from coordinator.registry import RegistryLimits
 from coordinator.run_config import add_run_arguments, round_config, run_problems
+from coordinator.spawn import SpawnedPki, TrainerProcesses, provision_spawned
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
 from phalanx.identity import check_address, is_loopback
 from phalanx.rpc import TlsCredentials, check_plaintext
@@ -120,12 +122,21 @@ def clear_outputs(out: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+async def spawn_trainers(args: argparse.Namespace, address: str, log_dir: Path, pki: SpawnedPki | None) -> TrainerProcesses:
+    """Start --spawn-trainers local sites with this run's model, data and compute flags; they share the cores."""
+    threads = args.trainer_threads or max(1, (os.cpu_count() or 1) // args.spawn_trainers)
+    spawned = TrainerProcesses(
+        args.spawn_trainers, address, [*model_and_data_flags(args), *compute_flags(args)], log_dir, threads, pki
+    )
+    await spawned.start()
+    return spawned
+
+
 async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> int:
     from coordinator.app import CoordinatorApp
     from coordinator.run import RoundFailed
     from coordinator.outputs import RunOutputs
     from coordinator.report import Report
-    from coordinator.spawn import TrainerProcesses, provision_spawned
     from phalanx.model import adapter_state, build_model, save_adapter
     from phalanx.sites import load_source
     from phalanx.telemetry import Telemetry
@@ -200,12 +211,11 @@ async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> in
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop, sig)
         if args.spawn_trainers:
-            threads = args.trainer_threads or max(1, (os.cpu_count() or 1) // args.spawn_trainers)
-            spawned = TrainerProcesses(
-                args.spawn_trainers, address, model_and_data_flags(args), args.out / "logs", threads, spawn_pki
+            spawned = await spawn_trainers(args, address, args.out / "logs", spawn_pki)
+            report.say(
+                f"Started {args.spawn_trainers} trainers ({spawned.threads} torch threads each, --device {args.device}, "
+                f"--precision {args.precision}); logs in {args.out / 'logs'}."
             )
-            await spawned.start()
-            report.say(f"Started {args.spawn_trainers} trainers ({threads} torch threads each); logs in {args.out / 'logs'}.")
             early_exit = asyncio.ensure_future(spawned.first_exit())
             done, _ = await asyncio.wait({run, early_exit}, return_when=asyncio.FIRST_COMPLETED)
             if run not in done and app.waiting_for_trainers:
@@ -243,7 +253,6 @@ async def serve(args: argparse.Namespace, tls: TlsCredentials | None) -> int:
     from coordinator.admin import AdminAccess, RunServicer
     from coordinator.http import StatusServer
     from coordinator.serving import ServingCoordinator
-    from coordinator.spawn import TrainerProcesses, provision_spawned
     from phalanx.telemetry import Telemetry
     from phalanx.v1 import run_pb2_grpc
 
@@ -279,11 +288,7 @@ async def serve(args: argparse.Namespace, tls: TlsCredentials | None) -> int:
         if not access.open and not access.tls:
             print("Admin calls are refused: without TLS only a loopback-only coordinator takes them.", flush=True)
         if args.spawn_trainers:
-            threads = args.trainer_threads or max(1, (os.cpu_count() or 1) // args.spawn_trainers)
-            spawned = TrainerProcesses(
-                args.spawn_trainers, address, model_and_data_flags(args), args.state_dir / "logs", threads, spawn_pki
-            )
-            await spawned.start()
+            spawned = await spawn_trainers(args, address, args.state_dir / "logs", spawn_pki)
             print(f"Started {args.spawn_trainers} trainers; logs in {args.state_dir / 'logs'}", flush=True)
         await stop.wait()
         print("Stopping; unfinished runs resume at the next start.", flush=True)

@@ -11,6 +11,9 @@ from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
 from phalanx.model import ModelConfig
 from phalanx.rpc import TlsCredentials
 
+BATCH_ORDERS = ("grouped", "random")
+"""Spelled as the BatchOrder values of trainer.proto, less their prefix."""
+
 
 @dataclass(frozen=True)
 class RoundConfig:
@@ -25,9 +28,13 @@ class RoundConfig:
     local_steps: int = 10
     batch_size: int = 32
     learning_rate: float = 1e-3
+    batch_order: str = "grouped"
+    """How trainers batch their data: "grouped" by length (least padding) or "random"."""
     eval_batch_size: int = 64
     eval_max_examples: int = 0
     """Evaluate each trainer on at most this many of its test examples; 0 means all."""
+    evaluate_every: int = 1
+    """Evaluate rounds 0, N, 2N, ... and always the run's last round."""
     round_timeout: float = 300.0
     """Seconds a trainer has to answer Train or Evaluate before it is left out of the round."""
     aggregator: str = "fedavg"

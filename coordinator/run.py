@@ -390,7 +390,8 @@ class Run:
                     if self.privacy is not None:
                         self.privacy.record(*stats.population)
                 stats.train_seconds = time.perf_counter() - started
-                await self._evaluate(round_, stats)
+                if await self._evaluates(round_):
+                    await self._evaluate(round_, stats)
             except RoundFailed as exc:
                 failure = exc
                 span.set_status(StatusCode.ERROR, str(exc))
@@ -466,6 +467,7 @@ class Run:
                 reply_dtype=self._wire_dtype,
                 adapter=encoded.manifest,
                 run=self._spec,
+                batch_order=trainer_pb2.BatchOrder.Value(f"BATCH_ORDER_{rounds.batch_order.upper()}"),
             )
 
         clip_norm = self.adaptive_clip.norm if self.adaptive_clip is not None else rounds.clip_norm
@@ -719,6 +721,16 @@ class Run:
         if listed is None:
             raise AdapterError(f"site {entry.name} is no longer in --allow-sites")
         return float(min(claimed, listed.max_weight))
+
+    async def _evaluates(self, round_: int) -> bool:
+        """Rounds 0, N, 2N, ... evaluate (N: evaluate_every), and so does the run's last round: the
+        last of --rounds, one after which the run is asked to stop, or one the privacy budget ends."""
+        rounds = self.config.rounds
+        if round_ % rounds.evaluate_every == 0 or round_ == rounds.rounds or self._stop_requested:
+            return True
+        if self.privacy is None or rounds.dp_target_epsilon <= 0:
+            return False
+        return await asyncio.to_thread(self.privacy.epsilon, self._population()) > rounds.dp_target_epsilon
 
     async def _evaluate(self, round_: int, stats: RoundStats) -> None:
         rounds = self.config.rounds

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.aggregation import AGGREGATORS
-from coordinator.config import RoundConfig, RunConfig
+from coordinator.config import BATCH_ORDERS, RoundConfig, RunConfig
 from phalanx.cli import add_data_arguments, add_model_arguments, model_config
 from phalanx.codec import WIRE_DTYPES
 from phalanx.identity import printable
@@ -36,7 +36,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     rounds.add_argument("--local-steps", type=int, default=15, help="optimizer steps per trainer per round")
     rounds.add_argument("--batch-size", type=int, default=32, help="training batch size")
     rounds.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    rounds.add_argument(
+        "--batch-order", choices=BATCH_ORDERS, default="grouped",
+        help="trainers' batches: grouped by length (least padding) or drawn at random",
+    )  # fmt: skip
     rounds.add_argument("--eval-max-examples", type=int, default=400, help="test examples per trainer (0: all)")
+    rounds.add_argument(
+        "--evaluate-every", type=int, default=1, help="evaluate rounds 0, N, 2N, ...; the last round always evaluates"
+    )
     rounds.add_argument("--round-timeout", type=float, default=300.0, help="seconds a trainer has to answer a call")
     rounds.add_argument("--round-retries", type=int, default=0, help="times a failed round is tried again")
     rounds.add_argument("--aggregator", choices=AGGREGATORS, default="fedavg", help="aggregation strategy")
@@ -92,6 +99,7 @@ def run_problems(args: argparse.Namespace, *, can_sign: bool) -> list[str]:
         (0 < args.fraction_train <= 1, "--fraction-train must be in (0, 1]"),
         (0 < args.fraction_evaluate <= 1, "--fraction-evaluate must be in (0, 1]"),
         (args.local_steps >= 1, "--local-steps must be at least 1"),
+        (args.evaluate_every >= 1, "--evaluate-every must be at least 1"),
         (args.batch_size >= 1 and args.lr > 0, "--batch-size must be at least 1 and --lr positive"),
         (args.round_timeout > 0, "--round-timeout must be positive"),
         (args.round_retries >= 0, "--round-retries cannot be negative"),
@@ -142,7 +150,9 @@ def round_config(args: argparse.Namespace) -> RoundConfig:
         local_steps=args.local_steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        batch_order=args.batch_order,
         eval_max_examples=args.eval_max_examples,
+        evaluate_every=args.evaluate_every,
         round_timeout=args.round_timeout,
         aggregator=args.aggregator,
         trim=args.trim,

@@ -34,6 +34,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-length", type=int, default=64, help="tokens per example after truncation")
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def add_compute_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("compute", "where a trainer computes (the coordinator hands these to --spawn-trainers)")
+    group.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA, then MPS, then the CPU")
+    group.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="autocast precision; auto: bf16 where the device does it natively (CUDA bf16, AVX512-BF16/AMX CPUs), else fp32",
+    )  # fmt: skip
+
+
+def compute_flags(args: argparse.Namespace) -> list[str]:
+    return ["--device", args.device, "--precision", args.precision]
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument(
@@ -80,6 +97,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="logging level")
     add_tls_arguments(parser)
     add_model_arguments(parser)
+    add_compute_arguments(parser)
     add_data_arguments(parser)
 
 

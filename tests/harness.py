@@ -148,10 +148,11 @@ async def start_echo_site(
     register: bool = True,
     shift: float = 0.0,
     num_train: int = 100,
+    learner: EchoLearner | None = None,
 ) -> EchoSite:
-    """An echo trainer node (adding `shift` to what it trains); with `register=False` it only
-    serves, as a member of run "run-1" of 10 rounds."""
-    learner = EchoLearner(synthetic_adapter(params), delay=delay, shift=shift, num_train=num_train)
+    """An echo trainer node (adding `shift` to what it trains, or the `learner` given); with
+    `register=False` it only serves, as a member of run "run-1" of 10 rounds."""
+    learner = learner or EchoLearner(synthetic_adapter(params), delay=delay, shift=shift, num_train=num_train)
     name = tls.identity.name if tls is not None else f"echo-{partition}"
     node = TrainerNode(
         NodeConfig(

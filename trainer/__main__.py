@@ -58,21 +58,25 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace, tls: TlsCredentials | None) -> str:
     from phalanx.sites import load_site
     from phalanx.telemetry import Telemetry
+    from trainer.device import Compute, probe
     from trainer.learner import Learner
     from trainer.learners import Learners
     from trainer.node import NodeConfig, TrainerNode
 
+    caps = probe()
+    compute = Compute.choose(args.device, args.precision, caps)  # a ComputeError before anything slow
+    log.info("computing on %s (--device %s, --precision %s)", compute.describe(caps), args.device, args.precision)
     data = data_config(args)
     site = await asyncio.to_thread(load_site, data, args.partition, args.num_partitions)
     labels = site.train.label_names
     own_config = model_config(args, len(labels))
-    learner = await asyncio.to_thread(Learner, own_config, site)
+    learner = await asyncio.to_thread(Learner, own_config, site, compute)
     learners = Learners(
         learner,
         own_config,
         labels,
         models=[m.strip() for m in args.models.split(",") if m.strip()],
-        build=lambda config: Learner(config, site),
+        build=lambda config: Learner(config, site, compute),
         capacity=args.max_learners,
     )
     log.info("partition %d: %d train / %d test examples", args.partition, len(site.train), len(site.test))

@@ -71,6 +71,7 @@ class EchoLearner:
         learning_rate: float,
         seed: int,
         stop: threading.Event,
+        batch_order: str = "grouped",
     ) -> TrainOutcome:
         started = time.perf_counter()
         self._wait(stop)

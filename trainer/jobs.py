@@ -61,6 +61,7 @@ class LocalWork(Protocol):
         learning_rate: float,
         seed: int,
         stop: threading.Event,
+        batch_order: str = "grouped",
     ) -> TrainOutcome: ...
 
     def evaluate(

@@ -1,7 +1,8 @@
 """Local training and evaluation: blocking torch code, run in a worker thread.
 
 The learner never touches gRPC. It is given arrays and returns arrays; a `threading.Event`
-checked before every step lets the event loop stop a job whose call was cancelled.
+checked before every step lets the event loop stop a job whose call was cancelled. The model
+and batches live on the site's device (`Compute`); the adapter comes and goes as float32 numpy.
 """
 
 from __future__ import annotations
@@ -15,16 +16,18 @@ import torch
 
 from phalanx.model import ModelConfig, adapter_state, build_model, load_adapter_state, load_tokenizer
 from phalanx.partition import Partition
-from trainer.batches import TokenizedSplit
+from trainer.batches import TokenizedSplit, batch_stream
+from trainer.device import Compute
 from trainer.jobs import EvalOutcome, Stopped, TrainOutcome
 
 
 class Learner:
     """One site's model and tokenised data. Not thread-safe: run one job at a time."""
 
-    def __init__(self, model_config: ModelConfig, partition: Partition) -> None:
+    def __init__(self, model_config: ModelConfig, partition: Partition, compute: Compute | None = None) -> None:
+        self.compute = compute or Compute(torch.device("cpu"), "fp32")
         tokenizer = load_tokenizer(model_config)
-        self.model = build_model(model_config)
+        self.model = build_model(model_config).to(self.compute.device)
         self.train_split = TokenizedSplit.from_texts(
             tokenizer, partition.train.texts, partition.train.labels, model_config.max_length
         )
@@ -52,36 +55,34 @@ class Learner:
         learning_rate: float,
         seed: int,
         stop: threading.Event,
+        batch_order: str = "grouped",
     ) -> TrainOutcome:
         if len(self.train_split) == 0:
             raise ValueError("this site has no training examples")
         started = time.perf_counter()
         load_adapter_state(self.model, adapter)
         torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
+        batches = batch_stream(self.train_split.lengths(), batch_size, batch_order, seed)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=learning_rate)
+        scaler = self.compute.grad_scaler()
         self.model.train()
-        order = rng.permutation(len(self.train_split))
-        cursor = 0
-        losses: list[float] = []
+        losses: list[torch.Tensor] = []
         seen = 0
-        for _ in range(steps):
+        for _, indices in zip(range(steps), batches, strict=False):
             if stop.is_set():
                 raise Stopped
-            if cursor + batch_size > len(order):
-                order, cursor = rng.permutation(len(self.train_split)), 0
-            indices = order[cursor : cursor + batch_size]
-            cursor += len(indices)
-            loss = self.model(**self.train_split.batch(indices)).loss
-            loss.backward()
-            optimizer.step()
+            with self.compute.autocast():
+                loss = self.model(**self.train_split.batch(indices, self.compute.device)).loss
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach().float())
             seen += len(indices)
         return TrainOutcome(
             adapter=adapter_state(self.model),
-            loss=float(np.mean(losses)) if losses else float("nan"),
+            loss=float(torch.stack(losses).mean()) if losses else float("nan"),
             steps=len(losses),
             examples_seen=seen,
             seconds=time.perf_counter() - started,
@@ -104,8 +105,10 @@ class Learner:
             for start in range(0, len(chosen), batch_size):
                 if stop.is_set():
                     raise Stopped
-                batch = self.test_split.batch(chosen[start : start + batch_size])
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                batch = self.test_split.batch(chosen[start : start + batch_size], self.compute.device)
+                with self.compute.autocast():
+                    logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = logits.float()
                 total_loss += float(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
                 correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
         return EvalOutcome(

@@ -114,6 +114,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 learning_rate=header.learning_rate,
                 seed=header.seed,
                 stop=stop,
+                batch_order="random" if header.batch_order == trainer_pb2.BATCH_ORDER_RANDOM else "grouped",
             )
             if not header.HasField("secure_aggregation"):
                 return outcome

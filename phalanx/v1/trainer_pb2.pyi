@@ -1,5 +1,6 @@
 from phalanx.v1 import adapter_pb2 as _adapter_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -7,8 +8,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class BatchOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BATCH_ORDER_UNSPECIFIED: _ClassVar[BatchOrder]
+    BATCH_ORDER_GROUPED: _ClassVar[BatchOrder]
+    BATCH_ORDER_RANDOM: _ClassVar[BatchOrder]
+BATCH_ORDER_UNSPECIFIED: BatchOrder
+BATCH_ORDER_GROUPED: BatchOrder
+BATCH_ORDER_RANDOM: BatchOrder
+
 class TrainHeader(_message.Message):
-    __slots__ = ("run_id", "round", "local_steps", "batch_size", "learning_rate", "seed", "reply_dtype", "adapter", "secure_aggregation", "run")
+    __slots__ = ("run_id", "round", "local_steps", "batch_size", "learning_rate", "seed", "reply_dtype", "adapter", "secure_aggregation", "run", "batch_order")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +29,7 @@ class TrainHeader(_message.Message):
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ORDER_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     local_steps: int
@@ -29,7 +40,8 @@ class TrainHeader(_message.Message):
     adapter: _adapter_pb2.AdapterManifest
     secure_aggregation: SecureAggregation
     run: RunSpec
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., reply_dtype: _Optional[_Union[_adapter_pb2.DataType, str]] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ...) -> None: ...
+    batch_order: BatchOrder
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., reply_dtype: _Optional[_Union[_adapter_pb2.DataType, str]] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., batch_order: _Optional[_Union[BatchOrder, str]] = ...) -> None: ...
 
 class RunSpec(_message.Message):
     __slots__ = ("model", "label_names", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_length", "last_round")
