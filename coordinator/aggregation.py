@@ -8,6 +8,10 @@ reply whose key set or shapes differ raises AdapterError and is never partially 
 - `median`: the coordinate-wise median; unweighted, and robust to any minority of outliers.
 - `trimmed-mean`: per coordinate, drop the `trim` share of largest and smallest values, then
   average the rest; unweighted.
+- `krum` (Blanchard et al. 2017): score each reply by the summed squared L2 distances to its
+  n − f − 2 nearest other replies (f: the number of Byzantine replies tolerated) and return the
+  reply with the lowest score.
+- `multi-krum`: the unweighted mean of the `keep` replies with the lowest Krum scores.
 
 The robust strategies must hold every reply until the round ends. `clip_update` bounds each
 update's L2 distance from the global adapter and works with any strategy.
@@ -26,7 +30,7 @@ import numpy as np
 from phalanx.codec import Adapter, AdapterError, TensorLayout, check_layout, layout_of
 from phalanx.privacy import gaussian_noise
 
-AGGREGATORS = ("fedavg", "median", "trimmed-mean")
+AGGREGATORS = ("fedavg", "median", "trimmed-mean", "krum", "multi-krum")
 DEFAULT_TRIM = 0.2
 
 
@@ -157,6 +161,74 @@ class TrimmedMean(_Stacking):
         return kept.mean(axis=0, dtype=np.float32)
 
 
+class Krum(_Stacking):
+    """Blanchard et al. 2017: the reply closest to its n − f − 2 nearest neighbours.
+
+    Each reply is flattened, keys in the reference's order. `byzantine` (f) defaults to the
+    largest f with n >= 2f + 3; each score sums at least one and at most n − 1 neighbours.
+    After `result`, `selected` holds the indices (in order of `add`) of the replies it returned
+    and `scores` every reply's score; a reply holding NaN or Inf scores Inf.
+    """
+
+    def __init__(self, reference: Mapping[str, np.ndarray], byzantine: int | None = None) -> None:
+        if byzantine is not None and byzantine < 0:
+            raise ValueError(f"byzantine must be >= 0, got {byzantine}")
+        super().__init__(reference)
+        self.byzantine = byzantine
+        self.selected: list[int] = []
+        self.scores: list[float] = []
+
+    def _result(self) -> Adapter:
+        replies = self._replies
+        n = len(replies)
+        f = max(0, (n - 3) // 2) if self.byzantine is None else self.byzantine
+        rows = [np.concatenate([np.ravel(r[k]) for k in self._names], dtype=np.float64) for r in replies]
+        scores = _krum_scores(np.stack(rows), min(max(1, n - f - 2), n - 1))
+        self.scores = scores.tolist()
+        self.selected = sorted(np.argsort(scores, kind="stable")[: self._keep(n, f)].tolist())
+        chosen = [replies[i] for i in self.selected]
+        return {
+            k: np.stack([np.asarray(r[k], dtype=np.float32) for r in chosen]).mean(axis=0, dtype=np.float32)
+            for k in self._names
+        }
+
+    def _keep(self, n: int, f: int) -> int:
+        return 1
+
+
+class MultiKrum(Krum):
+    """The unweighted mean of the `keep` lowest-scoring replies (default n − f, at least 1, at most n)."""
+
+    def __init__(
+        self, reference: Mapping[str, np.ndarray], byzantine: int | None = None, keep: int | None = None
+    ) -> None:
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        super().__init__(reference, byzantine)
+        self.keep = keep
+
+    def _keep(self, n: int, f: int) -> int:
+        return min(n, max(1, n - f) if self.keep is None else self.keep)
+
+
+def _krum_scores(flat: np.ndarray, neighbours: int) -> np.ndarray:
+    """Per row of `flat` (replies × coordinates): the summed squared distances to its `neighbours` nearest.
+
+    Distances come from the Gram matrix of the rows centred on their coordinate-wise median, which keeps
+    the honest replies' small distances accurate beside a gross outlier. Non-finite rows are infinitely far.
+    """
+    n = len(flat)
+    finite = np.isfinite(flat).all(axis=1)
+    distances = np.full((n, n), np.inf)
+    if finite.any():
+        centred = flat[finite] - np.median(flat[finite], axis=0)
+        gram = centred @ centred.T
+        squares = np.diag(gram)
+        distances[np.ix_(finite, finite)] = np.maximum(squares[:, None] + squares[None, :] - 2 * gram, 0.0)
+    np.fill_diagonal(distances, np.inf)
+    return np.sort(distances, axis=1)[:, :neighbours].sum(axis=1)
+
+
 def clip_update(
     reference: Mapping[str, np.ndarray], adapter: Mapping[str, np.ndarray], max_norm: float
 ) -> tuple[Adapter, float]:
@@ -168,11 +240,23 @@ def clip_update(
     return {k: reference[k] + (np.asarray(adapter[k], dtype=np.float32) - reference[k]) * scale for k in reference}, norm
 
 
-def create_aggregator(name: str, reference: Mapping[str, np.ndarray], *, trim: float = DEFAULT_TRIM) -> Aggregator:
+def create_aggregator(
+    name: str,
+    reference: Mapping[str, np.ndarray],
+    *,
+    trim: float = DEFAULT_TRIM,
+    byzantine: int | None = None,
+    keep: int | None = None,
+) -> Aggregator:
+    """`trim` is for trimmed-mean; `byzantine` (f) for krum and multi-krum; `keep` for multi-krum."""
     if name == "fedavg":
         return FedAvg(reference)
     if name == "median":
         return CoordinateMedian(reference)
     if name == "trimmed-mean":
         return TrimmedMean(reference, trim)
+    if name == "krum":
+        return Krum(reference, byzantine)
+    if name == "multi-krum":
+        return MultiKrum(reference, byzantine, keep)
     raise ValueError(f"unknown aggregator {name!r}; choose from {', '.join(AGGREGATORS)}")
