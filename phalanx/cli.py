@@ -62,6 +62,10 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partitioner dirichlet)")
     group.add_argument("--test-fraction", type=float, default=0.1, help="share of each site's data held out")
     group.add_argument(
+        "--holdout-rows", type=int, default=0,
+        help="rows of --data held out from every site, a global test set drawn by --seed (0: none)",
+    )  # fmt: skip
+    group.add_argument(
         "--labels", default="", help="the run's comma-separated label names in class order (default: those in --data)"
     )
 
@@ -141,6 +145,7 @@ def data_config(args: argparse.Namespace) -> DataConfig:
         test_fraction=args.test_fraction,
         seed=args.seed,
         label_names=label_names(args),
+        holdout=args.holdout_rows,
     )
 
 
@@ -152,7 +157,8 @@ def model_and_data_flags(args: argparse.Namespace) -> list[str]:
     """The model and data flags of `args` as a command line, to start trainers that match."""
     names = (
         "model", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_length",
-        "data", "text_column", "label_column", "partitioner", "alpha", "test_fraction", "seed", "labels",
+        "data", "text_column", "label_column", "partitioner", "alpha", "test_fraction", "holdout_rows",
+        "seed", "labels",
     )  # fmt: skip
     flags: list[str] = []
     for name in names:

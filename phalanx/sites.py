@@ -25,6 +25,8 @@ class DataConfig:
     seed: int = 0
     label_names: tuple[str, ...] = ()
     """The run's label set in class-id order; empty means the sorted labels found in the data."""
+    holdout: int = 0
+    """Rows of the data set held out from every site (a global test set); 0 keeps all."""
 
 
 def relabel(dataset: TextDataset, label_names: Sequence[str]) -> TextDataset:
@@ -42,10 +44,37 @@ def load_source(config: DataConfig) -> TextDataset:
     return relabel(dataset, config.label_names) if config.label_names else dataset
 
 
+_HOLDOUT_STREAM = 0x401D
+"""Mixed into the seed of the held-out rows' draw, so it is independent of the partitioner's."""
+
+
+def split_holdout(config: DataConfig) -> tuple[TextDataset, TextDataset]:
+    """The rows held out from every site, and the rows the sites share, each in the source's order.
+
+    The held-out rows are the first `config.holdout` of a permutation seeded by `config.seed`
+    (in a stream of its own), so every process draws the same ones.
+    """
+    dataset = load_source(config)
+    if not 0 <= config.holdout < len(dataset):
+        raise DataError(
+            f"holdout must lie in [0, {len(dataset)}) to leave rows for the sites: "
+            f"{config.source} holds {len(dataset)} rows, holdout is {config.holdout}"
+        )
+    if config.holdout == 0:
+        return dataset.subset(np.empty(0, dtype=np.int64)), dataset
+    order = np.random.default_rng([config.seed, _HOLDOUT_STREAM]).permutation(len(dataset))
+    return dataset.subset(np.sort(order[: config.holdout])), dataset.subset(np.sort(order[config.holdout :]))
+
+
+def load_holdout(config: DataConfig) -> TextDataset:
+    """The global test set: the `config.holdout` rows that no site trains or tests on."""
+    return split_holdout(config)[0]
+
+
 def load_site(config: DataConfig, partition: int, num_partitions: int) -> Partition:
-    """The train and test split of one site: partition `partition` of `num_partitions`."""
+    """The train and test split of one site: partition `partition` of `num_partitions` of the rows kept."""
     return load_partition(
-        load_source(config),
+        split_holdout(config)[1],
         partition,
         num_partitions,
         scheme=config.partitioner,
