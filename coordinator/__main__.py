@@ -138,12 +138,14 @@ async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> in
     from coordinator.outputs import RunOutputs
     from coordinator.report import Report
     from phalanx.model import adapter_state, build_model, save_adapter
-    from phalanx.sites import load_source
+    from phalanx.sites import load_source, split_holdout
     from phalanx.telemetry import Telemetry
 
     started = time.perf_counter()
     report = Report(args.rounds)
     labels = label_names(args) or (await asyncio.to_thread(load_source, data_config(args))).label_names
+    if args.holdout_rows:
+        await asyncio.to_thread(split_holdout, data_config(args))  # a DataError now, not in every spawned site
     if args.fresh:
         clear_outputs(args.out)
     spawn_pki = None

@@ -7,6 +7,7 @@ from typing import Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import Admission, Federation
+from coordinator.global_adapter import adapter_tensors
 from coordinator.outputs import RunOutputs
 from coordinator.run import Run
 from phalanx.codec import Adapter, layout_of
@@ -28,7 +29,9 @@ class CoordinatorApp:
         resumed: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
-        admission = Admission(run_id, config.rounds.rounds, config.label_names, tuple(layout_of(initial)))
+        admission = Admission(
+            run_id, config.rounds.rounds, config.label_names, layout_of(adapter_tensors(initial)), config.rounds.mixed_ranks
+        )
         self.federation = Federation(config.federation, telemetry, state=lambda: self.run.state, admission=admission)
         self.registry = self.federation.registry
         self.run = Run(

@@ -6,12 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.registry import RegistryLimits
+from coordinator.selection import SelectionConfig
+from coordinator.server_optimizers import ServerOptimizerConfig
 from coordinator.trainer_client import TRANSFER_FLOOR_SECONDS
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
 from phalanx.model import ModelConfig
 from phalanx.rpc import TlsCredentials
 
 BATCH_ORDERS = ("grouped", "random")
+LORA_VARIANTS = ("standard", "ffa")
 """Spelled as the BatchOrder values of trainer.proto, less their prefix."""
 
 
@@ -55,6 +58,21 @@ class RoundConfig:
     dp_target_epsilon: float = 0.0
     """Privacy budget at dp_delta: the noise is calibrated to it when dp_noise_multiplier is 0, else the run
     stops before a round that would pass it; 0 sets no budget."""
+
+    server_optimizer: ServerOptimizerConfig = ServerOptimizerConfig()
+    """Applied to each round's aggregate as a pseudo-gradient step (Reddi et al. 2021); "none" takes it as is."""
+    proximal_mu: float = 0.0
+    """FedProx: trainers add mu/2 * ||w - w_global||^2 to their loss; 0 is off."""
+    krum_byzantine: int = -1
+    """Replies Krum and Multi-Krum tolerate as Byzantine; -1: the most n allows, (n - 3) // 2."""
+    multi_krum_keep: int = 0
+    """Replies Multi-Krum averages; 0: n - f."""
+    lora_variant: str = "standard"
+    """"standard" federates both LoRA factors; "ffa" keeps lora_A frozen at values derived from the seed."""
+    mixed_ranks: bool = False
+    """Sites train at their own LoRA rank; the coordinator averages the products B·A exactly (FlexLoRA)."""
+    selection: SelectionConfig = SelectionConfig()
+    """How a round picks its trainers: uniform draws, resource thresholds, or performance."""
 
     dp_accountant: str = "rdp"
     """"rdp", or "pld" (tighter) for runs that sample every site each round (fraction_train 1)."""

@@ -35,6 +35,8 @@ class Admission:
     last_round: int
     label_names: tuple[str, ...]
     layout: tuple[TensorLayout, ...]
+    mixed_ranks: bool = False
+    """Sites may register adapters of another LoRA rank than the run's."""
 
 
 class Federation:

@@ -20,6 +20,7 @@ from coordinator.trainer_client import TrainerClient
 from phalanx.pki import site_san
 from phalanx.rpc import TlsCredentials
 from phalanx.telemetry import Telemetry
+from phalanx.v1 import coordinator_pb2
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ class TrainerEntry:
     num_test_examples: int
     client: TrainerClient
     last_seen: float = field(default_factory=time.monotonic)
+    lora_rank: int = 0
+    """The site's LoRA rank where it differs from the run's (a run with mixed ranks); 0: the run's."""
+    capabilities: coordinator_pb2.SiteCapabilities = field(default_factory=coordinator_pb2.SiteCapabilities)
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,15 @@ class Registry:
         self._tasks: set[asyncio.Task] = set()
 
     async def register(
-        self, *, name: str, address: str, partition: int, num_train_examples: int, num_test_examples: int
+        self,
+        *,
+        name: str,
+        address: str,
+        partition: int,
+        num_train_examples: int,
+        num_test_examples: int,
+        lora_rank: int = 0,
+        capabilities: coordinator_pb2.SiteCapabilities | None = None,
     ) -> TrainerEntry:
         """Add a trainer, or replace the entry of one that registers again under the same name.
 
@@ -88,9 +100,11 @@ class Registry:
         self._limit_rate(name, now)
         self._evict_stale(now)
         old = self._entries.get(name)
+        capabilities = capabilities or coordinator_pb2.SiteCapabilities()
         if old is not None and old.address == address:
             old.last_seen = now
             old.num_train_examples, old.num_test_examples = num_train_examples, num_test_examples
+            old.lora_rank, old.capabilities = lora_rank, capabilities
             return old
         if old is None and len(self._entries) >= self._limits.max_trainers:
             raise RegistrationRefused(f"the registry is full ({self._limits.max_trainers} trainers, --max-trainers)")
@@ -103,6 +117,8 @@ class Registry:
             num_train_examples=num_train_examples,
             num_test_examples=num_test_examples,
             client=client,
+            lora_rank=lora_rank,
+            capabilities=capabilities,
         )
         if old is not None:
             log.info("trainer %s re-registered at %s (was %s)", name, address, old.address)

@@ -8,6 +8,7 @@ transfer slots and the servers, which several runs share.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import random
@@ -24,8 +25,12 @@ from opentelemetry.trace import Span, StatusCode, Tracer
 
 from coordinator.aggregation import DpFedAvg, clip_update, create_aggregator
 from coordinator.config import FederationConfig, RunConfig
+from coordinator.global_adapter import GlobalAdapter, ProductMean
+from coordinator.lora_math import lora_modules, mean_of_others, naive_averaging_error, product_mean
+from coordinator.ranks import with_rank
 from coordinator.registry import Registry, TrainerEntry
 from coordinator.secure_round import apply_update, settings_for
+from coordinator.selection import Candidate, PerformanceTracker, SiteCapabilities, select, update_alignment
 from coordinator.trainer_client import Broadcast, EvaluateReply, TrainReply
 from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, TensorLayout, check_finite, encode, layout_of
 from phalanx.identity import escaped
@@ -41,6 +46,8 @@ from phalanx.v1 import adapter_pb2, coordinator_pb2, trainer_pb2
 
 log = logging.getLogger(__name__)
 
+TRACKER_KEY = "selection_tracker"
+"""Checkpoint metadata: performance-aware selection's history of the sites, as JSON."""
 MAX_REASON_CHARS = 500
 """A failure's reason as recorded and logged: a trainer's status details are escaped and cut to this."""
 
@@ -89,6 +96,10 @@ class RoundStats:
     clip_norm: float | None = None
     """Under adaptive clipping: the clip norm of this round, and the noisy share of updates within it."""
     unclipped_fraction: float | None = None
+    lora_naive_error: float | None = None
+    """‖mean(B_i A_i) − mean(B_i)·mean(A_i)‖ / ‖mean(B_i A_i)‖ over the round's accepted replies."""
+    selection: dict[str, Any] | None = None
+    """Under a selection policy other than uniform: who was chosen and skipped, and why."""
 
     def loss_and_accuracy(self) -> tuple[float, float]:
         ok = [p for p in self.evaluate if p.status == "accepted"]
@@ -129,6 +140,8 @@ class RoundStats:
             **({"dp_epsilon": round(self.dp_epsilon, 6)} if self.dp_epsilon is not None else {}),
             **({"clip_norm": self.clip_norm} if self.clip_norm is not None else {}),
             **({"unclipped_fraction": round(self.unclipped_fraction, 4)} if self.unclipped_fraction is not None else {}),
+            **({"lora_naive_error": round(self.lora_naive_error, 6)} if self.lora_naive_error is not None else {}),
+            **({"selection": self.selection} if self.selection is not None else {}),
         }
 
 
@@ -206,7 +219,7 @@ class RunRecorder(Protocol):
 
 
 def run_spec(config: RunConfig) -> trainer_pb2.RunSpec:
-    """What a site serving many runs needs to know of this one."""
+    """What a site needs to know of this run: its model and LoRA variant (and, serving many runs, the rest)."""
     model = config.model
     return trainer_pb2.RunSpec(
         model=model.model,
@@ -217,6 +230,9 @@ def run_spec(config: RunConfig) -> trainer_pb2.RunSpec:
         target_modules=model.target_modules,
         max_length=model.max_length,
         last_round=config.rounds.rounds,
+        lora_variant=trainer_pb2.LORA_VARIANT_FFA if config.rounds.lora_variant == "ffa" else trainer_pb2.LORA_VARIANT_UNSPECIFIED,
+        ffa_seed=config.rounds.seed,
+        mixed_ranks=config.rounds.mixed_ranks,
     )
 
 
@@ -237,7 +253,7 @@ class Run:
         self.config = config
         self.outputs = outputs
         self.run_id = run_id
-        self.adapter = initial
+        self.global_adapter = GlobalAdapter(initial, config.rounds, config.model)
         self.start_round = start_round
         self.completed_rounds = start_round - 1
         self.state = coordinator_pb2.RUN_STATE_WAITING
@@ -264,16 +280,25 @@ class Run:
         self._limits = host.config
         self._on_round = on_round
         self._attributes = {"fl.run_id": run_id}
-        self._spec = run_spec(config) if host.serves_many else None
+        # A one-shot run's sites know its model from registration; they need the spec for its LoRA variant.
+        needs_spec = host.serves_many or rounds.lora_variant != "standard" or rounds.mixed_ranks
+        self._spec = run_spec(config) if needs_spec else None
         self._wire_dtype = WIRE_DTYPES[config.rounds.wire_dtype]
-        self._expected = layout_of(initial, self._wire_dtype)
-        self._adapter_bytes = sum(a.nbytes for a in initial.values())
-        self._size = sum(a.size for a in initial.values())
+        federated = self.global_adapter.federated()
+        self._expected = layout_of(federated, self._wire_dtype)
+        self._adapter_bytes = sum(a.nbytes for a in federated.values())
+        self._size = sum(a.size for a in federated.values())
+        self.tracker = PerformanceTracker.from_state(json.loads(resumed.get(TRACKER_KEY, "{}")) if resumed else {})
         self._verifier: Verifier | None = None
         if rounds.secure_aggregation:
             if host.verifier is None:
                 raise ValueError("secure aggregation needs TLS credentials: sites sign their keys with their certificates")
             self._verifier = host.verifier
+
+    @property
+    def adapter(self) -> Adapter:
+        """The global adapter, every tensor of it (PEFT's keys)."""
+        return self.global_adapter.adapter
 
     def stop_after_round(self) -> None:
         """Finish the round in flight (and its checkpoint), then return from run()."""
@@ -311,7 +336,9 @@ class Run:
                     log.warning("%s; trying the round again (%d of %d)", exc, attempt + 1, rounds.round_retries)
             if self.stop_reason:
                 break
-            await asyncio.to_thread(self.outputs.save_checkpoint, round_, self.adapter, self._checkpoint_metadata())
+            await asyncio.to_thread(
+                self.outputs.save_checkpoint, round_, self.global_adapter.checkpoint(), self._checkpoint_metadata()
+            )
             self.completed_rounds = round_
         self.state = coordinator_pb2.RUN_STATE_FINISHED
         return rows
@@ -323,6 +350,8 @@ class Run:
 
     def _checkpoint_metadata(self) -> dict[str, str]:
         metadata = {"run_id": self.run_id}
+        if self.config.rounds.selection.policy == "performance":
+            metadata[TRACKER_KEY] = json.dumps(self.tracker.to_state())
         for part in (self.privacy, self.adaptive_clip):
             if part is not None:
                 metadata.update(part.to_metadata())
@@ -386,7 +415,7 @@ class Run:
                 span.set_attribute("fl.attempt", attempt)
             try:
                 if round_ > 0:
-                    self.adapter = await self._train(round_, stats, span, attempt)
+                    self.global_adapter.step(await self._train(round_, stats, span, attempt))
                     if self.privacy is not None:
                         self.privacy.record(*stats.population)
                 stats.train_seconds = time.perf_counter() - started
@@ -443,17 +472,18 @@ class Run:
             p.status, p.code, p.reason = "rejected", status_for(exc).name, escaped(exc, MAX_REASON_CHARS)
         return p
 
-    async def _train(self, round_: int, stats: RoundStats, span: Span, attempt: int = 0) -> Adapter:
+    async def _train(self, round_: int, stats: RoundStats, span: Span, attempt: int = 0) -> Adapter | ProductMean:
         rounds = self.config.rounds
         live = self._eligible()
-        sampled = sample(live, rounds.fraction_train, rounds.min_trainers, self.training_rng(round_))
+        sampled = self._select(live, round_, stats)
         stats.population = (len(live), len(sampled))
         span.set_attribute("fl.clients", len(sampled))
         if await self._over_budget(round_, stats.population):  # the population shrank since the check before the round
             raise BudgetReached(self.stop_reason)
         if len(sampled) < rounds.min_trainers:
             raise RoundFailed(f"round {round_}: only {len(sampled)} live trainers, need {rounds.min_trainers}")
-        encoded = encode(self.adapter, self._wire_dtype)
+        current = self.global_adapter.federated()
+        encoded = encode(current, self._wire_dtype)
         broadcast = Broadcast.of(trainer_pb2.TrainRequest, encoded)
 
         def header_for(entry: TrainerEntry) -> trainer_pb2.TrainHeader:
@@ -468,8 +498,11 @@ class Run:
                 adapter=encoded.manifest,
                 run=self._spec,
                 batch_order=trainer_pb2.BatchOrder.Value(f"BATCH_ORDER_{rounds.batch_order.upper()}"),
+                proximal_mu=rounds.proximal_mu,
             )
 
+        if self.global_adapter.mixed:
+            return await self._train_mixed(round_, stats, sampled, header_for)
         clip_norm = self.adaptive_clip.norm if self.adaptive_clip is not None else rounds.clip_norm
         update_noise, count_noise = self._noise(len(sampled))
         if rounds.secure_aggregation:
@@ -477,10 +510,20 @@ class Run:
                 round_, attempt, stats, sampled, header_for, broadcast, clip_norm, update_noise * clip_norm, count_noise
             )
         if self.privacy is not None:
-            aggregator = DpFedAvg(self.adapter, sampled=len(sampled), noise_std=update_noise * clip_norm)
+            aggregator = DpFedAvg(current, sampled=len(sampled), noise_std=update_noise * clip_norm)
         else:
-            aggregator = create_aggregator(rounds.aggregator, self.adapter, trim=rounds.trim)
+            aggregator = create_aggregator(
+                rounds.aggregator, current, trim=rounds.trim,
+                byzantine=None if rounds.krum_byzantine < 0 else rounds.krum_byzantine, keep=rounds.multi_krum_keep or None,
+            )  # fmt: skip
         held: dict[str, tuple[Adapter, float]] = {}  # accepted replies, when folded in a fixed order
+        # For the round's diagnostics, until it ends: each reply's LoRA factors (or, for performance-aware
+        # selection, all of it), weight and compute seconds.
+        # (Not under DP: figures drawn from single sites' updates would bypass its guarantee.)
+        replies: dict[str, tuple[Adapter, float, float]] = {}
+        kept = set(current) if rounds.selection.policy == "performance" else set()
+        if not self.global_adapter.ffa and self.privacy is None:
+            kept.update(key for _, a, b in lora_modules(current) for key in (a, b))
         unclipped = 0
 
         def accept(entry: TrainerEntry, reply: TrainReply, p: Participation) -> None:
@@ -489,7 +532,7 @@ class Run:
                 weight = 1.0  # uniform: a site's influence is bounded by the clip norm alone
             within = True
             if clip_norm > 0:
-                adapter, norm = clip_update(self.adapter, adapter, clip_norm)
+                adapter, norm = clip_update(current, adapter, clip_norm)
                 within = norm <= clip_norm
                 if not within:
                     log.info("round %d: update of %s clipped from norm %.4g to %g", round_, entry.name, norm, clip_norm)
@@ -498,6 +541,7 @@ class Run:
                 held[entry.name] = (adapter, weight)
             else:
                 aggregator.add(adapter, weight)
+            replies[entry.name] = ({k: adapter[k] for k in kept}, weight, reply.result.seconds)
             nonlocal unclipped
             unclipped += within
             p.num_examples, p.loss, p.compute_seconds = reply.result.num_examples, reply.result.loss, reply.result.seconds
@@ -527,7 +571,111 @@ class Run:
             raise RoundFailed(f"round {round_}: the aggregate is not finite ({exc}); the previous global adapter stays") from None
         if self.adaptive_clip is not None:
             self._adapt_clip(stats, clip_norm, self.adaptive_clip.noisy_fraction(unclipped, len(sampled), count_noise))
+        await asyncio.to_thread(self._diagnose, current, result, replies, stats)
+        if stats.lora_naive_error is not None:
+            span.set_attribute("fl.lora.naive_error", stats.lora_naive_error)
         return result
+
+    def _rank_of(self, entry: TrainerEntry) -> int:
+        """The LoRA rank a site trains at: its own in a run with mixed ranks, else the run's (0)."""
+        return entry.lora_rank if self.global_adapter.mixed else 0
+
+    async def _adapters_for(
+        self, entries: list[TrainerEntry], request: type
+    ) -> dict[int, tuple[Broadcast, adapter_pb2.AdapterManifest]]:
+        """The global adapter encoded for each rank among `entries` (one, the run's, unless ranks are mixed)."""
+        ranks = sorted({self._rank_of(e) for e in entries})
+
+        def encode_all() -> dict[int, tuple[Broadcast, adapter_pb2.AdapterManifest]]:
+            out = {}
+            for rank in ranks:
+                adapter = self.global_adapter.for_rank(rank) if rank else self.global_adapter.federated()
+                encoded = encode(adapter, self._wire_dtype)
+                out[rank] = (Broadcast.of(request, encoded), encoded.manifest)
+            return out
+
+        return await asyncio.to_thread(encode_all) if self.global_adapter.mixed else encode_all()
+
+    async def _train_mixed(
+        self,
+        round_: int,
+        stats: RoundStats,
+        sampled: list[TrainerEntry],
+        header_for: Callable[[TrainerEntry], trainer_pb2.TrainHeader],
+    ) -> ProductMean:
+        """A round of sites at their own LoRA ranks: each gets the global update at its rank, and the
+        aggregate is the mean of the products s_i·B_i·A_i (exact), with the mean of the other tensors."""
+        rounds = self.config.rounds
+        adapters = await self._adapters_for(sampled, trainer_pb2.TrainRequest)
+        replies: dict[str, tuple[Adapter, float, float]] = {}
+
+        def accept(entry: TrainerEntry, reply: TrainReply, p: Participation) -> None:
+            weight = self._weight(entry, reply.result.num_examples)
+            replies[entry.name] = (reply.adapter, weight, self.global_adapter.scale(entry.lora_rank))
+            p.num_examples, p.loss, p.compute_seconds = reply.result.num_examples, reply.result.loss, reply.result.seconds
+
+        def train_one(entry: TrainerEntry) -> Awaitable[Participation]:
+            broadcast, manifest = adapters[entry.lora_rank]
+            header = header_for(entry)
+            header.adapter.CopyFrom(manifest)
+            return self._ask(
+                entry,
+                "train",
+                lambda: entry.client.train(
+                    header, broadcast, expected=with_rank(self._expected, entry.lora_rank), timeout=rounds.round_timeout,
+                    slots=self._host.slots, max_bytes=self._limits.max_adapter_bytes, transfer_floor=self._limits.transfer_timeout,
+                ),  # fmt: skip
+                lambda reply, p: accept(entry, reply, p),
+            )
+
+        stats.train = list(await asyncio.gather(*(train_one(e) for e in sampled)))
+        if len(replies) < rounds.min_trainers:
+            reasons = "; ".join(f"{p.trainer}: {p.code} {p.reason}" for p in stats.train if p.status != "accepted")
+            raise RoundFailed(f"round {round_}: {len(replies)} accepted replies, need {rounds.min_trainers} ({reasons})")
+
+        def aggregate() -> ProductMean:
+            names = sorted(replies)
+            sites, weights, scales = zip(*(replies[n] for n in names), strict=True)
+            lora = {key for _, a, b in lora_modules(sites[0]) for key in (a, b)}
+            return ProductMean(product_mean(sites, weights, scales), mean_of_others(sites, weights, lora))
+
+        result = await asyncio.to_thread(aggregate)
+        try:
+            check_finite({**result.deltas, **result.others})
+        except AdapterError as exc:
+            raise RoundFailed(f"round {round_}: the aggregate is not finite ({exc}); the previous global adapter stays") from None
+        return result
+
+    def _select(self, live: list[TrainerEntry], round_: int, stats: RoundStats) -> list[TrainerEntry]:
+        """The round's trainers, by the run's selection policy; a policy other than uniform says why, in the row."""
+        rounds = self.config.rounds
+        k = sample_size(len(live), rounds.fraction_train, rounds.min_trainers)
+        candidates = [
+            Candidate(e.name, SiteCapabilities(e.capabilities.cores, e.capabilities.memory_bytes, e.capabilities.accelerator, e.num_train_examples))
+            for e in live
+        ]  # fmt: skip
+        selection = select(candidates, k, rounds.selection, self.training_rng(round_), self.tracker)
+        if rounds.selection.policy != "uniform":
+            stats.selection = selection.to_row(rounds.selection.policy)
+            for site, reason in selection.skipped.items():
+                log.info("round %d: site %s not selected: %s", round_, site, reason)
+        by_name = {e.name: e for e in live}
+        return [by_name[name] for name in selection.chosen]
+
+    def _diagnose(
+        self, current: Adapter, result: Adapter, replies: Mapping[str, tuple[Adapter, float, float]], stats: RoundStats
+    ) -> None:
+        """After aggregating (in a worker thread): the error naive factor averaging makes, and each site's
+        speed and help for performance-aware selection."""
+        if self.global_adapter.ffa:
+            stats.lora_naive_error = 0.0  # every site shares lora_A: averaging lora_B alone is exact
+        elif self.privacy is None and replies and lora_modules(current):
+            names = sorted(replies)
+            stats.lora_naive_error = naive_averaging_error([replies[n][0] for n in names], [replies[n][1] for n in names])
+        if self.config.rounds.selection.policy == "performance":
+            step = {k: result[k] - current[k] for k in current}
+            for name, (adapter, _, seconds) in replies.items():
+                self.tracker.record(name, seconds, update_alignment({k: adapter[k] - current[k] for k in current}, step))
 
     def _noise(self, sampled: int) -> tuple[float, float]:
         """The noise multipliers of a round of `sampled` sites: on the update sum, and on the count of
@@ -700,7 +848,7 @@ class Run:
             summed = summed[:-1]
         if self.privacy is None:
             summed /= sum(weights[name] for name in survivors) / total_weight  # FedAvg over the survivors
-        return apply_update(self.adapter, summed)
+        return apply_update(self.global_adapter.federated(), summed)
 
     def _secure_weight(self, entry: TrainerEntry) -> float:
         """A site's weight in a secure round, fixed before it trains: uniform under DP, else its
@@ -735,16 +883,17 @@ class Run:
     async def _evaluate(self, round_: int, stats: RoundStats) -> None:
         rounds = self.config.rounds
         chosen = sample(self._eligible(), rounds.fraction_evaluate, 1, seeded(rounds.seed + 1, round_))
-        encoded = encode(self.adapter, self._wire_dtype)
-        broadcast = Broadcast.of(trainer_pb2.EvaluateRequest, encoded)
-        header = trainer_pb2.EvaluateHeader(
-            run_id=self.run_id,
-            round=round_,
-            batch_size=rounds.eval_batch_size,
-            max_examples=rounds.eval_max_examples,
-            adapter=encoded.manifest,
-            run=self._spec,
-        )
+        adapters = await self._adapters_for(chosen, trainer_pb2.EvaluateRequest)
+
+        def header_for(entry: TrainerEntry) -> trainer_pb2.EvaluateHeader:
+            return trainer_pb2.EvaluateHeader(
+                run_id=self.run_id,
+                round=round_,
+                batch_size=rounds.eval_batch_size,
+                max_examples=rounds.eval_max_examples,
+                adapter=adapters[self._rank_of(entry)][1],
+                run=self._spec,
+            )
 
         def accept(entry: TrainerEntry, reply: EvaluateReply, p: Participation) -> None:
             r = reply.result
@@ -761,7 +910,9 @@ class Run:
                     self._ask(
                         e,
                         "evaluate",
-                        lambda e=e: e.client.evaluate(header, broadcast, timeout=rounds.round_timeout, slots=self._host.slots),
+                        lambda e=e: e.client.evaluate(
+                            header_for(e), adapters[self._rank_of(e)][0], timeout=rounds.round_timeout, slots=self._host.slots
+                        ),
                         lambda reply, p, e=e: accept(e, reply, p),
                     )
                     for e in chosen

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.aggregation import AGGREGATORS
-from coordinator.config import BATCH_ORDERS, RoundConfig, RunConfig
+from coordinator.config import BATCH_ORDERS, LORA_VARIANTS, RoundConfig, RunConfig
+from coordinator.selection import SELECTIONS, SelectionConfig
+from coordinator.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizerConfig, create_server_optimizer
 from phalanx.cli import add_data_arguments, add_model_arguments, model_config
 from phalanx.codec import WIRE_DTYPES
 from phalanx.identity import printable
@@ -53,6 +55,37 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--deterministic", action="store_true", help="fold replies in a fixed order: bit-identical reruns, more memory"
     )
     rounds.add_argument("--wire-dtype", choices=sorted(WIRE_DTYPES), default="float32", help="adapter dtype on the wire")
+    learning = parser.add_argument_group("learning", "server optimisers, FedProx, LoRA variants and client selection")
+    learning.add_argument(
+        "--server-optimizer", choices=SERVER_OPTIMIZERS, default="none",
+        help="step the global adapter with each round's aggregate as a pseudo-gradient (Reddi et al. 2021)",
+    )  # fmt: skip
+    learning.add_argument("--server-lr", type=float, default=0.0, help="server learning rate; 0: 1 for fedavgm, 0.01 adaptive")
+    learning.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm's momentum β")
+    learning.add_argument("--server-beta1", type=float, default=0.9, help="β1 of fedadam, fedyogi, fedadagrad")
+    learning.add_argument("--server-beta2", type=float, default=0.99, help="β2 of fedadam and fedyogi")
+    learning.add_argument("--server-tau", type=float, default=1e-3, help="τ, the adaptivity of fedadam, fedyogi, fedadagrad")
+    learning.add_argument("--proximal-mu", type=float, default=0.0, help="FedProx: μ/2·‖w − w_global‖² on trainers (0: off)")
+    learning.add_argument(
+        "--krum-byzantine", type=int, default=-1, help="replies krum and multi-krum tolerate as Byzantine (-1: (n − 3) // 2)"
+    )
+    learning.add_argument("--multi-krum-keep", type=int, default=0, help="replies multi-krum averages (0: n − f)")
+    learning.add_argument(
+        "--lora-variant", choices=LORA_VARIANTS, default="standard",
+        help="ffa: lora_A frozen at seeded values and never sent, only lora_B and the head federated (exact averaging)",
+    )  # fmt: skip
+    learning.add_argument(
+        "--mixed-ranks", action="store_true",
+        help="sites train at their own --lora-r; the coordinator averages the products B·A and sends each site its rank",
+    )  # fmt: skip
+    learning.add_argument("--selection", choices=SELECTIONS, default="uniform", help="how a round picks its trainers")
+    learning.add_argument("--selection-min-cores", type=int, default=0, help="resource/performance: skip sites with fewer cores")
+    learning.add_argument(
+        "--selection-min-memory-gb", type=float, default=0.0, help="resource/performance: skip sites with less memory"
+    )
+    learning.add_argument(
+        "--selection-explore", type=float, default=0.1, help="performance: share of a round's trainers drawn at random"
+    )
     privacy = parser.add_argument_group(
         "differential privacy", "site-level DP-FedAvg: updates clipped to --clip-norm, uniform weights, Gaussian noise"
     )
@@ -122,6 +155,33 @@ def run_problems(args: argparse.Namespace, *, can_sign: bool) -> list[str]:
         ]
     elif args.dp_adaptive_clipping:
         checks.append((False, "--dp-adaptive-clipping needs differential privacy (--dp-noise-multiplier or --dp-target-epsilon)"))
+    if args.dp_noise_multiplier > 0 or args.dp_target_epsilon > 0:
+        checks.append(
+            (args.selection == "uniform", "differential privacy needs --selection uniform: its accounting assumes uniform sampling")
+        )
+    checks += [
+        (args.proximal_mu >= 0, "--proximal-mu cannot be negative"),
+        (args.multi_krum_keep >= 0 and args.krum_byzantine >= -1, "--multi-krum-keep cannot be negative, --krum-byzantine below -1"),
+    ]
+    try:
+        create_server_optimizer(server_optimizer_config(args), {})
+    except ValueError as exc:
+        checks.append((False, f"--server-optimizer settings: {exc}"))
+    try:
+        selection_config(args)
+    except ValueError as exc:
+        checks.append((False, str(exc)))
+    if args.mixed_ranks:
+        checks += [
+            (args.aggregator == "fedavg", "--mixed-ranks works with --aggregator fedavg only"),
+            (args.lora_variant == "standard", "--mixed-ranks and --lora-variant ffa exclude each other"),
+            (args.server_optimizer == "none", "--mixed-ranks works with --server-optimizer none only"),
+            (not args.secure_aggregation, "--mixed-ranks needs each site's factors; secure aggregation gives only their sum"),
+            (
+                args.dp_noise_multiplier == 0 and args.dp_target_epsilon == 0 and args.clip_norm == 0,
+                "--mixed-ranks does not clip or noise updates: drop --clip-norm and the DP settings",
+            ),
+        ]
     if args.secure_aggregation:
         checks += [
             (
@@ -156,6 +216,13 @@ def round_config(args: argparse.Namespace) -> RoundConfig:
         round_timeout=args.round_timeout,
         aggregator=args.aggregator,
         trim=args.trim,
+        server_optimizer=server_optimizer_config(args),
+        proximal_mu=args.proximal_mu,
+        krum_byzantine=args.krum_byzantine,
+        multi_krum_keep=args.multi_krum_keep,
+        lora_variant=args.lora_variant,
+        mixed_ranks=args.mixed_ranks,
+        selection=selection_config(args),
         clip_norm=args.clip_norm,
         deterministic=args.deterministic,
         round_retries=args.round_retries,
@@ -174,6 +241,17 @@ def round_config(args: argparse.Namespace) -> RoundConfig:
         secagg_threshold=args.secagg_threshold,
         secagg_range=args.secagg_range,
     )
+
+
+def server_optimizer_config(args: argparse.Namespace) -> ServerOptimizerConfig:
+    return ServerOptimizerConfig(
+        args.server_optimizer, args.server_lr, args.server_momentum, args.server_beta1, args.server_beta2, args.server_tau
+    )
+
+
+def selection_config(args: argparse.Namespace) -> SelectionConfig:
+    """Raises ValueError naming the flag of a setting out of range."""
+    return SelectionConfig(args.selection, args.selection_min_cores, args.selection_min_memory_gb, args.selection_explore)
 
 
 def run_config(args: argparse.Namespace, labels: tuple[str, ...], *, start_with: int = 0, register_timeout: float = 300.0) -> RunConfig:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from coordinator.registry import RegistrationRefused, Registry
+from coordinator.ranks import lora_rank, with_rank
 from phalanx.codec import AdapterError, check_layout, parse_manifest
 from phalanx.identity import AddressError, check_address, check_site_name, is_loopback, printable
 from phalanx.pki import ROLE_SITE
@@ -64,14 +65,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"label sets differ: trainer has {printable(list(request.label_names))}, run has {list(admission.label_names)}",
             )
-        if admission is not None:
-            try:
-                check_layout(parse_manifest(request.adapter_layout), admission.layout)
-            except AdapterError as exc:
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"adapter layout differs (model or LoRA settings?): {printable(exc, 200)}",
-                )
+        try:
+            layout = parse_manifest(request.adapter_layout)
+            rank = lora_rank(layout)
+            if admission is not None and admission.mixed_ranks:
+                check_layout(layout, with_rank(admission.layout, rank))
+            elif admission is not None:
+                check_layout(layout, admission.layout)
+        except AdapterError as exc:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"adapter layout differs (model or LoRA settings?): {printable(exc, 200)}",
+            )
         try:
             entry = await self._registry.register(
                 name=name,
@@ -79,6 +84,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
                 partition=request.partition,
                 num_train_examples=request.num_train_examples,
                 num_test_examples=request.num_test_examples,
+                lora_rank=rank,
+                capabilities=request.capabilities,
             )
         except RegistrationRefused as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))

@@ -7,8 +7,10 @@ agree everywhere; the coordinator's initial adapter is broadcast, so values agre
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +110,29 @@ def adapter_state(model: PeftModel) -> dict[str, np.ndarray]:
     from peft import get_peft_model_state_dict
 
     return {k: v.detach().to("cpu").float().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def is_lora_a(key: str) -> bool:
+    return ".lora_A." in key
+
+
+def without_lora_a(adapter: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What an FFA-LoRA run federates: every tensor but the frozen lora_A factors."""
+    return {k: v for k, v in adapter.items() if not is_lora_a(k)}
+
+
+def ffa_lora_a(adapter: Mapping[str, np.ndarray], seed: int) -> dict[str, np.ndarray]:
+    """FFA-LoRA's frozen lora_A values for the lora_A keys of `adapter`: uniform in ±1/√fan_in as
+    PEFT initialises them, drawn from `seed` and the key alone, so the coordinator and every site
+    derive the same values and never send them."""
+    frozen = {}
+    for key, value in adapter.items():
+        if is_lora_a(key):
+            shape = np.shape(value)
+            bound = 1.0 / math.sqrt(shape[1])
+            rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+            frozen[key] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    return frozen
 
 
 def load_adapter_state(model: PeftModel, adapter: Mapping[str, np.ndarray]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -117,19 +117,21 @@ async def read_adapter(
     stream: AsyncIterable[Any],
     header_field: str,
     *,
-    expected: Sequence[TensorLayout] | None,
+    expected: Sequence[TensorLayout] | Callable[[Any], Sequence[TensorLayout] | None] | None,
     match_dtype: bool = True,
     max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
     until_complete: bool = False,
 ) -> tuple[Any, Adapter, int]:
     """Read `header_field` then the chunks of the finite adapter it announces from a oneof stream.
 
-    The header's `adapter` field is the manifest. Returns the header, the adapter and the number
-    of bytes read. Raises AdapterError when the stream is out of order or the adapter is
-    malformed or not finite.
+    The header's `adapter` field is the manifest, checked against `expected` (or the layout that
+    `expected(header)` gives). Returns the header, the adapter and the number of bytes read.
+    Raises AdapterError when the stream is out of order or the adapter is malformed or not finite.
     """
     stream = aiter(stream)
     header, nbytes = await read_header(stream, header_field)
+    if callable(expected):
+        expected = expected(header)
     assembler = AdapterAssembler(header.adapter, expected=expected, match_dtype=match_dtype, max_bytes=max_bytes)
     nbytes += await read_chunks(stream, assembler, until_complete=until_complete)
     return header, assembler.finish(require_finite=True), nbytes

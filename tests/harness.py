@@ -25,6 +25,7 @@ from coordinator.config import CoordinatorConfig, RoundConfig
 from coordinator.outputs import RunOutputs
 from coordinator.registry import RegistryLimits
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, layout_of, manifest_of
+from phalanx.model import ModelConfig
 from phalanx.rpc import Server, TlsCredentials, create_channel
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc, trainer_pb2_grpc
@@ -90,8 +91,11 @@ async def start_coordinator(
     tls: TlsCredentials | None = None,
     allow_sites: Path | None = None,
     registry: RegistryLimits = RegistryLimits(),
+    initial: dict[str, np.ndarray] | None = None,
+    model: ModelConfig | None = None,
     **round_settings: Any,
 ) -> Coordinator:
+    """A coordinator of one run over `initial` (default: a synthetic adapter of `params` values)."""
     round_settings.setdefault("rounds", 1)
     round_settings.setdefault("min_trainers", 2)
     round_settings.setdefault("round_timeout", 30.0)
@@ -100,6 +104,7 @@ async def start_coordinator(
     telemetry = Telemetry.create("phalanx-coordinator", span_exporter=spans if keep_spans else None, metric_readers=[metrics])
     config = CoordinatorConfig(
         rounds=RoundConfig(**round_settings),
+        model=model or ModelConfig(),
         label_names=LABELS,
         listen="127.0.0.1:0",
         out=tmp_path,
@@ -114,7 +119,7 @@ async def start_coordinator(
         allow_sites=allow_sites,
         registry=registry,
     )
-    initial = synthetic_adapter(params)
+    initial = initial if initial is not None else synthetic_adapter(params)
     coordinator: Coordinator
 
     def record(row: dict[str, Any]) -> None:
@@ -149,6 +154,7 @@ async def start_echo_site(
     shift: float = 0.0,
     num_train: int = 100,
     learner: EchoLearner | None = None,
+    cores: int = 0,
 ) -> EchoSite:
     """An echo trainer node (adding `shift` to what it trains, or the `learner` given); with
     `register=False` it only serves, as a member of run "run-1" of 10 rounds."""
@@ -156,7 +162,8 @@ async def start_echo_site(
     name = tls.identity.name if tls is not None else f"echo-{partition}"
     node = TrainerNode(
         NodeConfig(
-            partition=partition, coordinator=coordinator, listen=listen, advertise=advertise, name=name, tls=tls, limits=limits
+            partition=partition, coordinator=coordinator, listen=listen, advertise=advertise, name=name, tls=tls,
+            limits=limits, cores=cores,
         ),
         learner,
         Telemetry.create("phalanx-trainer"),
@@ -177,6 +184,7 @@ async def start_servicer_site(
     partition: int = 9,
     tls: TlsCredentials | None = None,
     num_train_examples: int = 100,
+    capabilities: coordinator_pb2.SiteCapabilities | None = None,
 ) -> Server:
     """A gRPC server answering TrainerService with `servicer`, registered with the coordinator as `name`."""
     telemetry = Telemetry.create(name)
@@ -188,6 +196,7 @@ async def start_servicer_site(
             coordinator_pb2.RegisterRequest(
                 name=name, address=f"127.0.0.1:{port}", partition=partition, num_train_examples=num_train_examples,
                 num_test_examples=10, label_names=LABELS, adapter_layout=manifest_of(layout_of(layout)),
+                capabilities=capabilities,
             )  # fmt: skip
         )
     return server

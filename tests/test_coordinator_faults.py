@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -62,13 +63,15 @@ def finish(processes: list[subprocess.Popen], timeout: float = 120) -> list[int]
     return codes
 
 
-def federation(tmp_path: Path, name: str, flags: list[str], crash_after: int | None) -> Path:
+def federation(
+    tmp_path: Path, name: str, flags: list[str], crash_after: int | None, coordinator_flags: Sequence[str] = ()
+) -> Path:
     """A 4-round, 3-trainer deterministic run; optionally SIGKILL the coordinator after a round and restart it."""
     out, port = tmp_path / name, free_port()
     out.mkdir()
     coordinator_args = [
         "--listen", f"127.0.0.1:{port}", "--out", str(out), "--rounds", "4", "--min-trainers", "3", "--local-steps", "3",
-        "--batch-size", "8", "--eval-max-examples", "20", "--deterministic", *flags,
+        "--batch-size", "8", "--eval-max-examples", "20", "--deterministic", *flags, *coordinator_flags,
     ]  # fmt: skip
     trainers = start_trainers(port, flags, 3, out)
     coordinator = start("coordinator", *coordinator_args, log=out / "coordinator.log")
@@ -87,9 +90,15 @@ def federation(tmp_path: Path, name: str, flags: list[str], crash_after: int | N
     return out
 
 
-def test_killed_coordinator_resumes_at_the_same_round_with_bit_identical_result(tmp_path: Path, common_flags) -> None:
-    reference = federation(tmp_path, "uninterrupted", common_flags, crash_after=None)
-    resumed = federation(tmp_path, "killed", common_flags, crash_after=2)
+@pytest.mark.parametrize(
+    "learning", [[], ["--server-optimizer", "fedadam", "--server-lr", "0.05", "--proximal-mu", "0.01"]], ids=["fedavg", "fedadam"]
+)
+def test_killed_coordinator_resumes_at_the_same_round_with_bit_identical_result(
+    tmp_path: Path, common_flags, learning: list[str]
+) -> None:
+    """A server optimiser's state travels in the checkpoint, so a resumed run steps on bit-identically too."""
+    reference = federation(tmp_path, "uninterrupted", common_flags, crash_after=None, coordinator_flags=learning)
+    resumed = federation(tmp_path, "killed", common_flags, crash_after=2, coordinator_flags=learning)
 
     log = (resumed / "coordinator.log").read_text()
     assert "Resuming after round 2" in log
@@ -104,6 +113,9 @@ def test_killed_coordinator_resumes_at_the_same_round_with_bit_identical_result(
     rows_b = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows_b] == [0, 1, 2, 3, 4]
     assert [(r["loss"], r["accuracy"]) for r in rows_a] == [(r["loss"], r["accuracy"]) for r in rows_b]
+    checkpoint = RunOutputs(resumed).load_latest_checkpoint()
+    assert checkpoint is not None
+    assert any(k.startswith("server_optimizer/m/") for k in checkpoint.adapter) == bool(learning)
 
 
 CHECKPOINT_WRITER = """

@@ -222,6 +222,8 @@ WORK_CASES = {
     "a million local steps": (good_header(local_steps=10**6), grpc.StatusCode.INVALID_ARGUMENT, "--max-local-steps"),
     "a huge batch": (good_header(batch_size=4096), grpc.StatusCode.INVALID_ARGUMENT, "--max-batch-size"),
     "no learning rate": (good_header(learning_rate=0.0), grpc.StatusCode.INVALID_ARGUMENT, "learning rate"),
+    "a huge proximal mu": (good_header(proximal_mu=1e9), grpc.StatusCode.INVALID_ARGUMENT, "proximal mu 1000000000.0 is outside"),
+    "a NaN proximal mu": (good_header(proximal_mu=float("nan")), grpc.StatusCode.INVALID_ARGUMENT, "proximal mu nan"),
     "round 2^32-1": (good_header(2**32 - 1), grpc.StatusCode.OUT_OF_RANGE, "past the last round (10)"),
     "another run": (good_header(run_id="run-0"), grpc.StatusCode.FAILED_PRECONDITION, "this trainer is in run run-1"),
 }

@@ -92,6 +92,8 @@ async def serve(args: argparse.Namespace, tls: TlsCredentials | None) -> str:
             max_adapter_bytes=args.max_adapter_bytes,
             tls=tls,
             limits=WorkLimits(max_local_steps=args.max_local_steps, max_batch_size=args.max_batch_size),
+            accelerator=compute.accelerator(caps),
+            cores=args.threads,
         ),
         learner,
         telemetry,

@@ -103,6 +103,11 @@ class Compute:
         """Loss scaling, on only for fp16, whose narrow range would flush small gradients to zero."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
-    def describe(self, caps: Capabilities | None = None) -> str:
-        name = f" ({caps.cuda_name})" if caps is not None and self.device.type == "cuda" and caps.cuda_name else ""
-        return f"{self.device.type}{name}, {self.precision}"
+    def accelerator(self, caps: Capabilities) -> str:
+        """The device as a site reports it at registration: "cpu", "mps", or "cuda:NAME"."""
+        if self.device.type == "cuda" and caps.cuda_name:
+            return f"cuda:{caps.cuda_name}"
+        return self.device.type
+
+    def describe(self, caps: Capabilities) -> str:
+        return f"{self.accelerator(caps)}, {self.precision}"

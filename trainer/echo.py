@@ -72,6 +72,8 @@ class EchoLearner:
         seed: int,
         stop: threading.Event,
         batch_order: str = "grouped",
+        proximal_mu: float = 0.0,
+        freeze_lora_a: bool = False,
     ) -> TrainOutcome:
         started = time.perf_counter()
         self._wait(stop)

@@ -38,7 +38,9 @@ class EvalOutcome:
 class LocalWork(Protocol):
     """Blocking training and evaluation on one site's data; called from a worker thread.
 
-    Both methods check `stop` at least once per step and raise Stopped when it is set.
+    Both methods check `stop` at least once per step and raise Stopped when it is set. `train`
+    adds FedProx's proximal term with `proximal_mu` > 0 and keeps every lora_A factor fixed with
+    `freeze_lora_a` (FFA-LoRA).
     """
 
     @property
@@ -62,6 +64,8 @@ class LocalWork(Protocol):
         seed: int,
         stop: threading.Event,
         batch_order: str = "grouped",
+        proximal_mu: float = 0.0,
+        freeze_lora_a: bool = False,
     ) -> TrainOutcome: ...
 
     def evaluate(

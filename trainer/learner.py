@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from phalanx.model import ModelConfig, adapter_state, build_model, load_adapter_state, load_tokenizer
+from phalanx.model import ModelConfig, adapter_state, build_model, is_lora_a, load_adapter_state, load_tokenizer
 from phalanx.partition import Partition
 from trainer.batches import TokenizedSplit, batch_stream
 from trainer.device import Compute
 from trainer.jobs import EvalOutcome, Stopped, TrainOutcome
+
+
+def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx (Li et al. 2020): mu/2 · ||w − w_global||² over the trained tensors; its gradient is mu · (w − w_global)."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
 
 
 class Learner:
@@ -37,6 +42,8 @@ class Learner:
         # A fixed shuffle of the test split, so "evaluate on at most N" takes a fair sample.
         self._test_order = np.random.default_rng(model_config.seed).permutation(len(self.test_split))
         self.layout_adapter = adapter_state(self.model)
+        # The federated tensors (LoRA factors and the head): the parameters PEFT leaves trainable.
+        self._federated = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
     @property
     def num_train_examples(self) -> int:
@@ -56,6 +63,8 @@ class Learner:
         seed: int,
         stop: threading.Event,
         batch_order: str = "grouped",
+        proximal_mu: float = 0.0,
+        freeze_lora_a: bool = False,
     ) -> TrainOutcome:
         if len(self.train_split) == 0:
             raise ValueError("this site has no training examples")
@@ -63,7 +72,10 @@ class Learner:
         load_adapter_state(self.model, adapter)
         torch.manual_seed(seed)
         batches = batch_stream(self.train_split.lengths(), batch_size, batch_order, seed)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        for name, p in self._federated:
+            p.requires_grad_(not (freeze_lora_a and is_lora_a(name)))
+        params = [p for _, p in self._federated if p.requires_grad]
+        anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
         optimizer = torch.optim.AdamW(params, lr=learning_rate)
         scaler = self.compute.grad_scaler()
         self.model.train()
@@ -74,7 +86,8 @@ class Learner:
                 raise Stopped
             with self.compute.autocast():
                 loss = self.model(**self.train_split.batch(indices, self.compute.device)).loss
-            scaler.scale(loss).backward()
+            objective = loss + proximal_term(params, anchors, proximal_mu) if anchors else loss
+            scaler.scale(objective).backward()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -82,7 +82,7 @@ class Learners:
         config = replace(
             self._own_config,
             model=spec.model,
-            lora_r=spec.lora_r,
+            lora_r=self._own_config.lora_r if spec.mixed_ranks else spec.lora_r,  # mixed ranks: the site's own
             lora_alpha=spec.lora_alpha,
             lora_dropout=spec.lora_dropout,
             target_modules=targets,

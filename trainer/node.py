@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -30,6 +31,14 @@ BACKOFF_MAX_SECONDS = 10.0
 REFUSALS = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
 
 
+def physical_memory() -> int:
+    """Bytes of RAM on this machine; 0 where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     partition: int
@@ -45,6 +54,10 @@ class NodeConfig:
     tls: TlsCredentials | None = None
     """Mutual TLS to and from the coordinator; None is plaintext."""
     limits: WorkLimits = WorkLimits()
+    accelerator: str = ""
+    """The device the site trains on, as reported at registration ("cpu", "cuda:NAME", "mps")."""
+    cores: int = 0
+    """Cores the site offers (its --threads), as reported at registration; 0: the machine's."""
 
     @property
     def site_name(self) -> str:
@@ -158,6 +171,9 @@ class TrainerNode:
             num_test_examples=self._learner.num_test_examples,
             label_names=self._label_names,
             adapter_layout=manifest_of(layout_of(self._learner.layout_adapter)),
+            capabilities=coordinator_pb2.SiteCapabilities(
+                cores=self.config.cores or os.cpu_count() or 0, memory_bytes=physical_memory(), accelerator=self.config.accelerator
+            ),
         )
 
     async def _keep_registered(self, stub: coordinator_pb2_grpc.CoordinatorServiceStub) -> None:

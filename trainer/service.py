@@ -24,8 +24,18 @@ from typing import Any, TypeVar
 
 import grpc
 
-from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterError, check_layout, encode, layout_of, parse_manifest
+from phalanx.codec import (
+    DEFAULT_MAX_ADAPTER_BYTES,
+    Adapter,
+    AdapterError,
+    TensorLayout,
+    check_layout,
+    encode,
+    layout_of,
+    parse_manifest,
+)
 from phalanx.identity import escaped, printable
+from phalanx.model import ffa_lora_a, is_lora_a, without_lora_a
 from phalanx.pki import ROLE_COORDINATOR
 from phalanx.rpc import TlsCredentials, require_peer
 from phalanx.secagg.errors import SecAggError
@@ -50,6 +60,21 @@ MAX_RUNS = 256
 MAX_RUN_ID_CHARS = 128
 DEFAULT_MAX_LOCAL_STEPS = 1_000
 DEFAULT_MAX_BATCH_SIZE = 256
+MAX_PROXIMAL_MU = 1e3
+
+
+def federated_layout(spec: trainer_pb2.RunSpec, layout: tuple[TensorLayout, ...]) -> tuple[TensorLayout, ...]:
+    """The tensors that travel in `spec`'s run: all of them, or under FFA-LoRA all but lora_A."""
+    if spec.lora_variant != trainer_pb2.LORA_VARIANT_FFA:
+        return layout
+    return tuple(t for t in layout if not is_lora_a(t.name))
+
+
+def with_frozen_factors(spec: trainer_pb2.RunSpec, adapter: Adapter, learner: LocalWork) -> Adapter:
+    """The whole adapter to load: under FFA-LoRA the received tensors plus the run's frozen lora_A."""
+    if spec.lora_variant != trainer_pb2.LORA_VARIANT_FFA:
+        return adapter
+    return {**ffa_lora_a(learner.layout_adapter, spec.ffa_seed), **adapter}
 
 
 @dataclass(frozen=True)
@@ -107,15 +132,20 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             header: trainer_pb2.TrainHeader, adapter: Adapter, learner: LocalWork, stop: threading.Event
         ) -> TrainOutcome:
             nonlocal range_clipped
+            ffa = header.run.lora_variant == trainer_pb2.LORA_VARIANT_FFA
             outcome = learner.train(
-                adapter,
+                with_frozen_factors(header.run, adapter, learner),
                 steps=header.local_steps,
                 batch_size=header.batch_size,
                 learning_rate=header.learning_rate,
                 seed=header.seed,
                 stop=stop,
                 batch_order="random" if header.batch_order == trainer_pb2.BATCH_ORDER_RANDOM else "grouped",
+                proximal_mu=header.proximal_mu,
+                freeze_lora_a=ffa,
             )
+            if ffa:
+                outcome = replace(outcome, adapter=without_lora_a(outcome.adapter))
             if not header.HasField("secure_aggregation"):
                 return outcome
             assert self._secure_rounds is not None  # checked by begin_secure
@@ -155,7 +185,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             header: trainer_pb2.EvaluateHeader, adapter: Adapter, learner: LocalWork, stop: threading.Event
         ) -> EvalOutcome:
             return learner.evaluate(
-                adapter, batch_size=header.batch_size or 64, max_examples=header.max_examples, stop=stop
+                with_frozen_factors(header.run, adapter, learner),
+                batch_size=header.batch_size or 64,
+                max_examples=header.max_examples,
+                stop=stop,
             )
 
         header, outcome, _ = await self._serve("evaluate", request_iterator, context, evaluate)
@@ -281,7 +314,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 requests,
                 "header",
                 # Serving many runs, the layout is checked against the run's learner once it is known.
-                expected=None if self._serving_many else self._expected,
+                expected=None if self._serving_many else lambda header: federated_layout(header.run, self._expected),
                 match_dtype=False,
                 max_bytes=self._max_bytes,
                 until_complete=True,  # the work starts once the bytes are in; the stream ends later
@@ -314,7 +347,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         try:
             config = self._learners.config_for(header.run)
             learner = await self._in_worker(context, lambda stop: self._learners.get(config))
-            check_layout(parse_manifest(header.adapter), layout_of(learner.layout_adapter), match_dtype=False)
+            check_layout(
+                parse_manifest(header.adapter), federated_layout(header.run, layout_of(learner.layout_adapter)), match_dtype=False
+            )
         except Unservable as exc:
             log.warning("refused run %s: %s", printable(header.run_id), exc)
             context.set_trailing_metadata(((UNSERVABLE_KEY, "1"),))
@@ -354,6 +389,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 problems.append(f"{header.local_steps} local steps is outside 1-{limits.max_local_steps} (--max-local-steps)")
             if not (math.isfinite(header.learning_rate) and header.learning_rate > 0):
                 problems.append(f"learning rate {header.learning_rate} is not a positive number")
+            if not (math.isfinite(header.proximal_mu) and 0 <= header.proximal_mu <= MAX_PROXIMAL_MU):
+                problems.append(f"proximal mu {header.proximal_mu} is outside 0-{MAX_PROXIMAL_MU}")
         if problems:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "refused local work: " + "; ".join(problems))
         self._served(header.run_id, header.round)

@@ -25,23 +25,25 @@ _sym_db = _symbol_database.Default()
 from phalanx.v1 import adapter_pb2 as phalanx_dot_v1_dot_adapter__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cphalanx/v1/coordinator.proto\x12\nphalanx.v1\x1a\x18phalanx/v1/adapter.proto\"\xc4\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12\x1a\n\x12num_train_examples\x18\x04 \x01(\x04\x12\x19\n\x11num_test_examples\x18\x05 \x01(\x04\x12\x13\n\x0blabel_names\x18\x06 \x03(\t\x12\x33\n\x0e\x61\x64\x61pter_layout\x18\x07 \x01(\x0b\x32\x1b.phalanx.v1.AdapterManifest\"n\n\x10RegisterResponse\x12\x12\n\ntrainer_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x03 \x01(\x01\x12\x12\n\nlast_round\x18\x04 \x01(\r\"&\n\x10HeartbeatRequest\x12\x12\n\ntrainer_id\x18\x01 \x01(\t\"8\n\x11HeartbeatResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.phalanx.v1.RunState*k\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_WAITING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x16\n\x12RUN_STATE_FINISHED\x10\x03\x32\xa5\x01\n\x12\x43oordinatorService\x12\x45\n\x08Register\x12\x1b.phalanx.v1.RegisterRequest\x1a\x1c.phalanx.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.phalanx.v1.HeartbeatRequest\x1a\x1d.phalanx.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cphalanx/v1/coordinator.proto\x12\nphalanx.v1\x1a\x18phalanx/v1/adapter.proto\"\xf8\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\tpartition\x18\x03 \x01(\r\x12\x1a\n\x12num_train_examples\x18\x04 \x01(\x04\x12\x19\n\x11num_test_examples\x18\x05 \x01(\x04\x12\x13\n\x0blabel_names\x18\x06 \x03(\t\x12\x33\n\x0e\x61\x64\x61pter_layout\x18\x07 \x01(\x0b\x32\x1b.phalanx.v1.AdapterManifest\x12\x32\n\x0c\x63\x61pabilities\x18\x08 \x01(\x0b\x32\x1c.phalanx.v1.SiteCapabilities\"L\n\x10SiteCapabilities\x12\r\n\x05\x63ores\x18\x01 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x61\x63\x63\x65lerator\x18\x03 \x01(\t\"n\n\x10RegisterResponse\x12\x12\n\ntrainer_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\"\n\x1aheartbeat_interval_seconds\x18\x03 \x01(\x01\x12\x12\n\nlast_round\x18\x04 \x01(\r\"&\n\x10HeartbeatRequest\x12\x12\n\ntrainer_id\x18\x01 \x01(\t\"8\n\x11HeartbeatResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.phalanx.v1.RunState*k\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_WAITING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x16\n\x12RUN_STATE_FINISHED\x10\x03\x32\xa5\x01\n\x12\x43oordinatorService\x12\x45\n\x08Register\x12\x1b.phalanx.v1.RegisterRequest\x1a\x1c.phalanx.v1.RegisterResponse\x12H\n\tHeartbeat\x12\x1c.phalanx.v1.HeartbeatRequest\x1a\x1d.phalanx.v1.HeartbeatResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phalanx.v1.coordinator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATE']._serialized_start=479
-  _globals['_RUNSTATE']._serialized_end=586
+  _globals['_RUNSTATE']._serialized_start=609
+  _globals['_RUNSTATE']._serialized_end=716
   _globals['_REGISTERREQUEST']._serialized_start=71
-  _globals['_REGISTERREQUEST']._serialized_end=267
-  _globals['_REGISTERRESPONSE']._serialized_start=269
-  _globals['_REGISTERRESPONSE']._serialized_end=379
-  _globals['_HEARTBEATREQUEST']._serialized_start=381
-  _globals['_HEARTBEATREQUEST']._serialized_end=419
-  _globals['_HEARTBEATRESPONSE']._serialized_start=421
-  _globals['_HEARTBEATRESPONSE']._serialized_end=477
-  _globals['_COORDINATORSERVICE']._serialized_start=589
-  _globals['_COORDINATORSERVICE']._serialized_end=754
+  _globals['_REGISTERREQUEST']._serialized_end=319
+  _globals['_SITECAPABILITIES']._serialized_start=321
+  _globals['_SITECAPABILITIES']._serialized_end=397
+  _globals['_REGISTERRESPONSE']._serialized_start=399
+  _globals['_REGISTERRESPONSE']._serialized_end=509
+  _globals['_HEARTBEATREQUEST']._serialized_start=511
+  _globals['_HEARTBEATREQUEST']._serialized_end=549
+  _globals['_HEARTBEATRESPONSE']._serialized_start=551
+  _globals['_HEARTBEATRESPONSE']._serialized_end=607
+  _globals['_COORDINATORSERVICE']._serialized_start=719
+  _globals['_COORDINATORSERVICE']._serialized_end=884
 # @@protoc_insertion_point(module_scope)

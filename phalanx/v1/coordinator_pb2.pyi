@@ -20,7 +20,7 @@ RUN_STATE_RUNNING: RunState
 RUN_STATE_FINISHED: RunState
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "address", "partition", "num_train_examples", "num_test_examples", "label_names", "adapter_layout")
+    __slots__ = ("name", "address", "partition", "num_train_examples", "num_test_examples", "label_names", "adapter_layout", "capabilities")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PARTITION_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class RegisterRequest(_message.Message):
     NUM_TEST_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     address: str
     partition: int
@@ -35,7 +36,18 @@ class RegisterRequest(_message.Message):
     num_test_examples: int
     label_names: _containers.RepeatedScalarFieldContainer[str]
     adapter_layout: _adapter_pb2.AdapterManifest
-    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., partition: _Optional[int] = ..., num_train_examples: _Optional[int] = ..., num_test_examples: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., adapter_layout: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ...) -> None: ...
+    capabilities: SiteCapabilities
+    def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ..., partition: _Optional[int] = ..., num_train_examples: _Optional[int] = ..., num_test_examples: _Optional[int] = ..., label_names: _Optional[_Iterable[str]] = ..., adapter_layout: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ..., capabilities: _Optional[_Union[SiteCapabilities, _Mapping]] = ...) -> None: ...
+
+class SiteCapabilities(_message.Message):
+    __slots__ = ("cores", "memory_bytes", "accelerator")
+    CORES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_FIELD_NUMBER: _ClassVar[int]
+    cores: int
+    memory_bytes: int
+    accelerator: str
+    def __init__(self, cores: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., accelerator: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("trainer_id", "run_id", "heartbeat_interval_seconds", "last_round")

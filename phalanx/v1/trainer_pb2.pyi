@@ -8,17 +8,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class LoraVariant(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LORA_VARIANT_UNSPECIFIED: _ClassVar[LoraVariant]
+    LORA_VARIANT_FFA: _ClassVar[LoraVariant]
+
 class BatchOrder(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     BATCH_ORDER_UNSPECIFIED: _ClassVar[BatchOrder]
     BATCH_ORDER_GROUPED: _ClassVar[BatchOrder]
     BATCH_ORDER_RANDOM: _ClassVar[BatchOrder]
+LORA_VARIANT_UNSPECIFIED: LoraVariant
+LORA_VARIANT_FFA: LoraVariant
 BATCH_ORDER_UNSPECIFIED: BatchOrder
 BATCH_ORDER_GROUPED: BatchOrder
 BATCH_ORDER_RANDOM: BatchOrder
 
 class TrainHeader(_message.Message):
-    __slots__ = ("run_id", "round", "local_steps", "batch_size", "learning_rate", "seed", "reply_dtype", "adapter", "secure_aggregation", "run", "batch_order")
+    __slots__ = ("run_id", "round", "local_steps", "batch_size", "learning_rate", "seed", "reply_dtype", "adapter", "secure_aggregation", "run", "batch_order", "proximal_mu")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOCAL_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +37,7 @@ class TrainHeader(_message.Message):
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
     BATCH_ORDER_FIELD_NUMBER: _ClassVar[int]
+    PROXIMAL_MU_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     round: int
     local_steps: int
@@ -41,10 +49,11 @@ class TrainHeader(_message.Message):
     secure_aggregation: SecureAggregation
     run: RunSpec
     batch_order: BatchOrder
-    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., reply_dtype: _Optional[_Union[_adapter_pb2.DataType, str]] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., batch_order: _Optional[_Union[BatchOrder, str]] = ...) -> None: ...
+    proximal_mu: float
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., local_steps: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., seed: _Optional[int] = ..., reply_dtype: _Optional[_Union[_adapter_pb2.DataType, str]] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ..., secure_aggregation: _Optional[_Union[SecureAggregation, _Mapping]] = ..., run: _Optional[_Union[RunSpec, _Mapping]] = ..., batch_order: _Optional[_Union[BatchOrder, str]] = ..., proximal_mu: _Optional[float] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("model", "label_names", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_length", "last_round")
+    __slots__ = ("model", "label_names", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_length", "last_round", "lora_variant", "ffa_seed", "mixed_ranks")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LABEL_NAMES_FIELD_NUMBER: _ClassVar[int]
     LORA_R_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +62,9 @@ class RunSpec(_message.Message):
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    LORA_VARIANT_FIELD_NUMBER: _ClassVar[int]
+    FFA_SEED_FIELD_NUMBER: _ClassVar[int]
+    MIXED_RANKS_FIELD_NUMBER: _ClassVar[int]
     model: str
     label_names: _containers.RepeatedScalarFieldContainer[str]
     lora_r: int
@@ -61,7 +73,10 @@ class RunSpec(_message.Message):
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     max_length: int
     last_round: int
-    def __init__(self, model: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., last_round: _Optional[int] = ...) -> None: ...
+    lora_variant: LoraVariant
+    ffa_seed: int
+    mixed_ranks: bool
+    def __init__(self, model: _Optional[str] = ..., label_names: _Optional[_Iterable[str]] = ..., lora_r: _Optional[int] = ..., lora_alpha: _Optional[int] = ..., lora_dropout: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_length: _Optional[int] = ..., last_round: _Optional[int] = ..., lora_variant: _Optional[_Union[LoraVariant, str]] = ..., ffa_seed: _Optional[int] = ..., mixed_ranks: _Optional[bool] = ...) -> None: ...
 
 class SecureAggregation(_message.Message):
     __slots__ = ("attempt", "shares", "weight_share", "clip_range", "clip_norm", "noise_std", "count_unclipped", "count_noise_std")
