@@ -49,6 +49,13 @@ STRATEGIES: dict[str, list[str]] = {
     "ffa": ["--lora-variant", "ffa"],
 }
 """Coordinator flags over its defaults (FedAvg) for each strategy."""
+TUNING: dict[str, list[str]] = {
+    "fedavg-server-lr-2": ["--server-optimizer", "fedavgm", "--server-momentum", "0", "--server-lr", "2"],
+    "fedavg-server-lr-3": ["--server-optimizer", "fedavgm", "--server-momentum", "0", "--server-lr", "3"],
+    "fedadam-lr-0.001": ["--server-optimizer", "fedadam", "--server-lr", "0.001"],
+    "fedadam-lr-0.05": ["--server-optimizer", "fedadam", "--server-lr", "0.05"],
+}
+"""Server learning rates tried beside the defaults; run them by name with --strategies (not in the default set)."""
 QUICK_STRATEGIES = ("fedavg", "fedadam", "fedprox", "ffa")
 PARTITIONS: dict[str, list[str]] = {
     "iid": [],
@@ -165,7 +172,9 @@ def main() -> None:
         "--quick", action="store_true",
         help=f"3 rounds x 5 steps, strategies {', '.join(QUICK_STRATEGIES)} (unless --strategies)",
     )  # fmt: skip
-    parser.add_argument("--strategies", help=f"comma-separated, of {', '.join(STRATEGIES)} (default: all)")
+    parser.add_argument(
+        "--strategies", help=f"comma-separated, of {', '.join([*STRATEGIES, *TUNING])} (default: {', '.join(STRATEGIES)})"
+    )
     parser.add_argument(
         "--partitions", default="iid,dirichlet", help=f"comma-separated, of {', '.join(PARTITIONS)}"
     )
@@ -174,7 +183,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep each run's --out (and log) under this directory")
     args = parser.parse_args()
     default_strategies = ",".join(QUICK_STRATEGIES if args.quick else STRATEGIES)
-    strategies = names(args.strategies or default_strategies, STRATEGIES, parser)
+    strategies = names(args.strategies or default_strategies, {**STRATEGIES, **TUNING}, parser)
     partitions = names(args.partitions, PARTITIONS, parser)
     rounds = args.rounds or (3 if args.quick else 8)
     steps = args.local_steps or (5 if args.quick else 15)
@@ -222,7 +231,7 @@ def main() -> None:
         for partition in partitions:
             for strategy in strategies:
                 out = root / f"{partition}-{strategy}"
-                flags = [*PARTITIONS[partition], *STRATEGIES[strategy]]
+                flags = [*PARTITIONS[partition], *{**STRATEGIES, **TUNING}[strategy]]
                 wall, failure = run_federation(out, flags, rounds, steps)
                 scored: Score | str = failure
                 if not failure:
