@@ -136,6 +136,7 @@ async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> in
     from coordinator.app import CoordinatorApp
     from coordinator.run import RoundFailed
     from coordinator.outputs import RunOutputs
+    from coordinator.plots import plot_run
     from coordinator.report import Report
     from phalanx.model import adapter_state, build_model, save_adapter
     from phalanx.sites import load_source, split_holdout
@@ -228,7 +229,9 @@ async def coordinate(args: argparse.Namespace, tls: TlsCredentials | None) -> in
         if stopped_by:
             raise asyncio.CancelledError
         await asyncio.to_thread(save_adapter, model, app.run.adapter, outputs.adapter_dir)
-        report.summary(outputs.read_metrics(), str(args.out), time.perf_counter() - started, app.run.stop_reason)
+        rows = outputs.read_metrics()
+        await asyncio.to_thread(plot_run, rows, args.out / "plot.png", f"run {app.run.run_id}")
+        report.summary(rows, str(args.out), time.perf_counter() - started, app.run.stop_reason, logs=spawned is not None)
         exit_code = 0
     except asyncio.CancelledError:
         if not stopped_by:

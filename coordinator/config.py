@@ -8,6 +8,7 @@ from pathlib import Path
 from coordinator.registry import RegistryLimits
 from coordinator.selection import SelectionConfig
 from coordinator.server_optimizers import ServerOptimizerConfig
+from coordinator.stopping import StoppingRules
 from coordinator.trainer_client import TRANSFER_FLOOR_SECONDS
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
 from phalanx.model import ModelConfig
@@ -73,6 +74,8 @@ class RoundConfig:
     """Sites train at their own LoRA rank; the coordinator averages the products B·A exactly (FlexLoRA)."""
     selection: SelectionConfig = SelectionConfig()
     """How a round picks its trainers: uniform draws, resource thresholds, or performance."""
+    stopping: StoppingRules = StoppingRules()
+    """Targets and convergence that end the run before its last round."""
 
     dp_accountant: str = "rdp"
     """"rdp", or "pld" (tighter) for runs that sample every site each round (fraction_train 1)."""

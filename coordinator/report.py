@@ -35,7 +35,9 @@ class Report:
             + ("  FAILED" if row["status"] != "ok" else "")
         )
 
-    def summary(self, rows: Sequence[dict[str, Any]], out: str, wall_seconds: float, stop_reason: str = "") -> None:
+    def summary(
+        self, rows: Sequence[dict[str, Any]], out: str, wall_seconds: float, stop_reason: str = "", logs: bool = False
+    ) -> None:
         trained = [r for r in rows if r["round"] > 0]
         if not rows:
             return
@@ -60,4 +62,4 @@ class Report:
                 f"  per trainer per round: sent {_mb(int(sent))}, received {_mb(int(received))} "
                 f"(raw adapter {_mb(raw)}; train and evaluate calls together)"
             )
-        self.say(f"  outputs in {out}: metrics.jsonl, adapter/ (PEFT), checkpoints/")
+        self.say(f"  outputs in {out}: metrics.jsonl, plot.png, adapter/ (PEFT), checkpoints/" + (", logs/" if logs else ""))

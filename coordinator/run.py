@@ -31,6 +31,7 @@ from coordinator.ranks import with_rank
 from coordinator.registry import Registry, TrainerEntry
 from coordinator.secure_round import apply_update, settings_for
 from coordinator.selection import Candidate, PerformanceTracker, SiteCapabilities, select, update_alignment
+from coordinator.stopping import StoppingJudge
 from coordinator.trainer_client import Broadcast, EvaluateReply, TrainReply
 from phalanx.codec import WIRE_DTYPES, Adapter, AdapterError, TensorLayout, check_finite, encode, layout_of
 from phalanx.identity import escaped
@@ -100,6 +101,8 @@ class RoundStats:
     """‖mean(B_i A_i) − mean(B_i)·mean(A_i)‖ / ‖mean(B_i A_i)‖ over the round's accepted replies."""
     selection: dict[str, Any] | None = None
     """Under a selection policy other than uniform: who was chosen and skipped, and why."""
+    stop_reason: str = ""
+    """The stopping rule that ends the run after this round, if one does."""
 
     def loss_and_accuracy(self) -> tuple[float, float]:
         ok = [p for p in self.evaluate if p.status == "accepted"]
@@ -142,6 +145,7 @@ class RoundStats:
             **({"unclipped_fraction": round(self.unclipped_fraction, 4)} if self.unclipped_fraction is not None else {}),
             **({"lora_naive_error": round(self.lora_naive_error, 6)} if self.lora_naive_error is not None else {}),
             **({"selection": self.selection} if self.selection is not None else {}),
+            **({"stop_reason": self.stop_reason} if self.stop_reason else {}),
         }
 
 
@@ -288,6 +292,8 @@ class Run:
         self._expected = layout_of(federated, self._wire_dtype)
         self._adapter_bytes = sum(a.nbytes for a in federated.values())
         self._size = sum(a.size for a in federated.values())
+        self._judge = StoppingJudge(rounds.stopping)
+        self._ruled_out = False  # a stopping rule ended the run after a completed round
         self.tracker = PerformanceTracker.from_state(json.loads(resumed.get(TRACKER_KEY, "{}")) if resumed else {})
         self._verifier: Verifier | None = None
         if rounds.secure_aggregation:
@@ -334,12 +340,14 @@ class Run:
                     if attempt == rounds.round_retries or self._stop_requested:
                         raise
                     log.warning("%s; trying the round again (%d of %d)", exc, attempt + 1, rounds.round_retries)
-            if self.stop_reason:
+            if self.stop_reason and not self._ruled_out:
                 break
             await asyncio.to_thread(
                 self.outputs.save_checkpoint, round_, self.global_adapter.checkpoint(), self._checkpoint_metadata()
             )
             self.completed_rounds = round_
+            if self._ruled_out:
+                break
         self.state = coordinator_pb2.RUN_STATE_FINISHED
         return rows
 
@@ -431,6 +439,11 @@ class Run:
                 span.set_attribute("fl.dp.epsilon", stats.dp_epsilon)
                 self._host.instruments.epsilon.set(stats.dp_epsilon, self._attributes)
             loss, accuracy = stats.loss_and_accuracy()
+            if failure is None and (reason := self._judge.judge(round_, loss, accuracy)) and round_ > 0:
+                self.stop_reason, self._ruled_out = reason, True
+                stats.stop_reason = reason
+                span.set_attribute("fl.stop_reason", reason)
+                log.info("stopping: %s", reason)
             if math.isfinite(loss):
                 span.set_attributes({"fl.loss": loss, "fl.accuracy": accuracy})
                 self._host.instruments.loss.set(loss, self._attributes)

@@ -17,6 +17,7 @@ from coordinator.aggregation import AGGREGATORS
 from coordinator.config import BATCH_ORDERS, LORA_VARIANTS, RoundConfig, RunConfig
 from coordinator.selection import SELECTIONS, SelectionConfig
 from coordinator.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizerConfig, create_server_optimizer
+from coordinator.stopping import StoppingRules
 from phalanx.cli import add_data_arguments, add_model_arguments, model_config
 from phalanx.codec import WIRE_DTYPES
 from phalanx.identity import printable
@@ -86,6 +87,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     learning.add_argument(
         "--selection-explore", type=float, default=0.1, help="performance: share of a round's trainers drawn at random"
     )
+    stopping = parser.add_argument_group("stopping rules", "end the run before --rounds; judged after each evaluated round")
+    stopping.add_argument("--target-accuracy", type=float, default=0.0, help="stop once accuracy reaches this (0: off)")
+    stopping.add_argument("--target-loss", type=float, default=0.0, help="stop once evaluation loss falls to this (0: off)")
+    stopping.add_argument(
+        "--patience", type=int, default=0, help="stop when accuracy improved by less than --min-delta over N evaluated rounds (0: off)"
+    )
+    stopping.add_argument("--min-delta", type=float, default=0.0, help="the improvement --patience asks for")
     privacy = parser.add_argument_group(
         "differential privacy", "site-level DP-FedAvg: updates clipped to --clip-norm, uniform weights, Gaussian noise"
     )
@@ -171,6 +179,7 @@ def run_problems(args: argparse.Namespace, *, can_sign: bool) -> list[str]:
         selection_config(args)
     except ValueError as exc:
         checks.append((False, str(exc)))
+    checks += [(False, message) for message in stopping_rules(args).problems()]
     if args.mixed_ranks:
         checks += [
             (args.aggregator == "fedavg", "--mixed-ranks works with --aggregator fedavg only"),
@@ -223,6 +232,7 @@ def round_config(args: argparse.Namespace) -> RoundConfig:
         lora_variant=args.lora_variant,
         mixed_ranks=args.mixed_ranks,
         selection=selection_config(args),
+        stopping=stopping_rules(args),
         clip_norm=args.clip_norm,
         deterministic=args.deterministic,
         round_retries=args.round_retries,
@@ -247,6 +257,10 @@ def server_optimizer_config(args: argparse.Namespace) -> ServerOptimizerConfig:
     return ServerOptimizerConfig(
         args.server_optimizer, args.server_lr, args.server_momentum, args.server_beta1, args.server_beta2, args.server_tau
     )
+
+
+def stopping_rules(args: argparse.Namespace) -> StoppingRules:
+    return StoppingRules(args.target_accuracy, args.target_loss, args.patience, args.min_delta)
 
 
 def selection_config(args: argparse.Namespace) -> SelectionConfig:

@@ -9,13 +9,14 @@ any, and each run finds out from the sites' answers whether they can serve it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
 
-from coordinator.registry import RegistrationRefused, Registry
 from coordinator.ranks import lora_rank, with_rank
+from coordinator.registry import RegistrationRefused, Registry
 from phalanx.codec import AdapterError, check_layout, parse_manifest
 from phalanx.identity import AddressError, check_address, check_site_name, is_loopback, printable
 from phalanx.pki import ROLE_SITE
@@ -24,6 +25,8 @@ from phalanx.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 if TYPE_CHECKING:
     from coordinator.run import Admission
+
+log = logging.getLogger(__name__)
 
 MAX_LABELS = 10_000
 MIN_TRAINER_PORT = 1024
@@ -56,13 +59,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
         await self._check_address(name, request.address, context)
         allowlist = self._registry.allowlist
         if allowlist is not None and not allowlist.allows(name):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"site {name} is not in the coordinator's --allow-sites")
+            await self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, name, f"site {name} is not in the coordinator's --allow-sites")
         admission = self._admission
         if len(request.label_names) > MAX_LABELS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_LABELS} label names")
         if admission is not None and tuple(request.label_names) != admission.label_names:
-            await context.abort(
+            await self._refuse(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
+                name,
                 f"label sets differ: trainer has {printable(list(request.label_names))}, run has {list(admission.label_names)}",
             )
         try:
@@ -73,8 +78,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             elif admission is not None:
                 check_layout(layout, admission.layout)
         except AdapterError as exc:
-            await context.abort(
+            await self._refuse(
+                context,
                 grpc.StatusCode.FAILED_PRECONDITION,
+                name,
                 f"adapter layout differs (model or LoRA settings?): {printable(exc, 200)}",
             )
         try:
@@ -95,6 +102,12 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServiceServicer):
             heartbeat_interval_seconds=self._heartbeat_interval,
             last_round=admission.last_round if admission is not None else 0,
         )
+
+    @staticmethod
+    async def _refuse(context: grpc.aio.ServicerContext, code: grpc.StatusCode, site: str, reason: str) -> None:
+        """Refuse a registration, and say so in the coordinator's log: otherwise it would just wait on."""
+        log.warning("refused the registration of site %s: %s", site, reason)
+        await context.abort(code, reason)
 
     async def Heartbeat(
         self, request: coordinator_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext

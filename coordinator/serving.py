@@ -29,6 +29,7 @@ import numpy as np
 from coordinator.config import FederationConfig
 from coordinator.federation import Federation
 from coordinator.outputs import Checkpoint, checkpoint_bytes, checkpoint_of
+from coordinator.plots import plot_run
 from coordinator.registry import TrainerEntry
 from coordinator.run import RoundFailed, Run
 from coordinator.run_config import RunConfigError, parse_run_toml, run_config
@@ -298,6 +299,8 @@ class ServingCoordinator:
         if start_round <= config.rounds.rounds:
             await run.execute()
         await asyncio.to_thread(save_adapter, model, run.adapter, Path(record.out) / "adapter")
+        rows = await asyncio.to_thread(self.store.rows, record.id)
+        await asyncio.to_thread(plot_run, rows, Path(record.out) / "plot.png", f"run {record.id}")
         return run.stop_reason
 
     async def _set_state(self, run_id: str, state: str, reason: str = "") -> None:

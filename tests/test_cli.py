@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.__main__ import build_parser as coordinator_parser
+from coordinator.plots import PLOT_SIZE
 from phalanx.cli import parse_with_config
 from tests.otlp_collector import OtlpCollector, ReceivedSpan
 from trainer.__main__ import build_parser as trainer_parser
@@ -59,6 +60,13 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path: Path) -> None:
     assert trainer_parser().parse_args(["--partition", "1"]).partition == 1
 
 
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk; fails unless the file is a PNG."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
 def run_federation(out: Path, *args: str, timeout: float, env: dict[str, str] | None = None) -> list[dict]:
     result = run_module(
         "coordinator", "--spawn-trainers", "2", "--listen", "127.0.0.1:0", "--out", str(out), "--fresh", *args,
@@ -66,6 +74,7 @@ def run_federation(out: Path, *args: str, timeout: float, env: dict[str, str] | 
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Finished" in result.stdout
+    assert f"outputs in {out}: metrics.jsonl, plot.png, adapter/ (PEFT), checkpoints/, logs/" in result.stdout
     # The default federation runs over mutual TLS with a throwaway CA it provisions under --out.
     assert f"Mutual TLS with a throwaway CA in {out / 'pki'}" in result.stdout
     assert all((out / "pki" / f"{name}.key").stat().st_mode & 0o777 == 0o600 for name in ("coordinator", "partition-0"))
@@ -81,6 +90,7 @@ def assert_outputs_and_adapter_loads(out: Path, rounds: int) -> None:
 
     assert (out / "checkpoints" / "latest.json").exists()
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["round"] == rounds
+    assert png_size(out / "plot.png") == PLOT_SIZE
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(DEFAULT_MODEL), num_labels=3)
     model = PeftModel.from_pretrained(base, str(out / "adapter"))
     batch = {"input_ids": torch.tensor([[101, 2307, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}

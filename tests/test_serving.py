@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from coordinator.plots import PLOT_SIZE
 from tests.conftest import TOKENIZER_FILES, toy_csv
 from tests.harness import REPO
+from tests.test_cli import png_size
 
 LABELS = "negative,neutral,positive"
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -174,6 +176,7 @@ def test_serving_coordinator_hosts_runs_over_long_lived_sites(
         assert coordinator.run(first)["config"] == echo_run.read_text()
         assert real_rows[-1]["loss"] < real_rows[0]["loss"]  # the real sites learn
         assert (Path(real_done["out"]) / "metrics.jsonl").read_text().count("\n") == 4
+        assert png_size(Path(real_done["out"]) / "plot.png") == PLOT_SIZE
 
         # StopRun stops one run mid-round; the other goes on to its end.
         stopped, going_on = coordinator.submit(long_echo), coordinator.submit(real_run)

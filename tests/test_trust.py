@@ -8,6 +8,7 @@ no certificate, an outsider's, an expired one, or an honest site's.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -393,6 +394,21 @@ async def test_a_trainers_status_details_are_escaped_and_cut_in_logs_and_metrics
 
 
 # The allowlist --------------------------------------------------------------------------------
+
+
+async def test_a_refused_registration_is_logged_with_the_site_and_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="coordinator")
+    coordinator = await start_coordinator(tmp_path, params=PARAMS, start_with=1, min_trainers=1)
+    misfit = await start_echo_site(coordinator.address, 0, params=PARAMS // 2)
+    try:
+        with pytest.raises(RegistrationRefused, match="adapter layout differs"):
+            await asyncio.wait_for(misfit.task, 10)
+    finally:
+        await stop_sites([misfit])
+        await coordinator.close()
+    assert any(
+        "refused the registration of site echo-0: adapter layout differs" in r.getMessage() for r in caplog.records
+    ), caplog.text
 
 
 async def test_the_allowlist_admits_only_its_sites_and_a_removed_site_is_no_longer_sampled(tmp_path: Path) -> None:
