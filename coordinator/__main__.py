@@ -45,6 +45,7 @@ from coordinator.run_config import add_run_arguments, round_config, run_problems
 from coordinator.spawn import SpawnedPki, TrainerProcesses, provision_spawned
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
 from phalanx.identity import check_address, is_loopback
+from phalanx.model import missing_model_directory
 from phalanx.rpc import TlsCredentials, check_plaintext
 
 log = logging.getLogger("coordinator")
@@ -315,6 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin_main(argv)
     parser = build_parser()
     args = parse_with_config(parser, argv)
+    if problem := missing_model_directory(args.model):
+        parser.error(problem)  # at once, not after loading data and a model
     tls = tls_credentials(parser, args)
     validate(parser, args, tls)
     configure_logging(args.log_level, "coordinator")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import tomllib
-from pathlib import Path
 from typing import Any
 
 from coordinator.aggregation import AGGREGATORS
@@ -18,7 +17,7 @@ from coordinator.config import BATCH_ORDERS, LORA_VARIANTS, RoundConfig, RunConf
 from coordinator.selection import SELECTIONS, SelectionConfig
 from coordinator.server_optimizers import SERVER_OPTIMIZERS, ServerOptimizerConfig, create_server_optimizer
 from coordinator.stopping import StoppingRules
-from phalanx.cli import add_data_arguments, add_model_arguments, model_config
+from phalanx.cli import add_data_arguments, add_model_arguments, model_config, toml_value
 from phalanx.codec import WIRE_DTYPES
 from phalanx.identity import printable
 from phalanx.privacy import ACCOUNTANTS
@@ -285,21 +284,10 @@ def run_parser() -> argparse.ArgumentParser:
 
 def _checked(action: argparse.Action, value: Any) -> Any:
     """`value` from TOML as the flag of `action` takes it; raise RunConfigError naming the key otherwise."""
-    key = action.dest.replace("_", "-")
-    if isinstance(action, argparse._StoreTrueAction):
-        if not isinstance(value, bool):
-            raise RunConfigError(f"{key} must be true or false")
-        return value
-    kind = action.type or str
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is Path:
-        kind = str
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise RunConfigError(f"{key} must be a {kind.__name__}, not {printable(value, 60)}")
-    if action.choices is not None and value not in action.choices:
-        raise RunConfigError(f"{key} must be one of {', '.join(map(str, action.choices))}, not {printable(value, 60)}")
-    return value
+    try:
+        return toml_value(action, value)
+    except ValueError as exc:
+        raise RunConfigError(str(exc)) from None
 
 
 def parse_run_toml(text: str, *, can_sign: bool) -> argparse.Namespace:

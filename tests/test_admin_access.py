@@ -134,7 +134,7 @@ async def test_plaintext_coordinator_answers_only_on_loopback(tmp_path: Path) ->
     [
         ("rounds = [", "not TOML"),
         ("listen = '0.0.0.0:1'", "unknown run option 'listen'"),
-        ("rounds = 'five'", "rounds must be a int"),
+        ("rounds = 'five'", "rounds must be an integer"),
         ("aggregator = 'mean'", "aggregator must be one of"),
         ("deterministic = 1", "deterministic must be true or false"),
         ("secure-aggregation = true", "secure aggregation needs certificates"),

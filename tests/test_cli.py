@@ -60,6 +60,36 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path: Path) -> None:
     assert trainer_parser().parse_args(["--partition", "1"]).partition == 1
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("rounds = 2.5\n", "rounds must be an integer, not '2.5'"),
+        ("min-trainers = [1, 2]\n", "min-trainers must be an integer, not '[1, 2]'"),
+        ("fresh = 1\n", "fresh must be true or false"),
+        ('aggregator = "mean"\n', "aggregator must be one of fedavg"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_refused_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, says: str
+) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    with pytest.raises(SystemExit):
+        parse_with_config(coordinator_parser(), ["--config", str(config)])
+    assert f"in {config}: {says}" in capsys.readouterr().err
+    config.write_text("lr = 1\nrounds = 3\n")  # an integer where a float is asked is fine
+    assert parse_with_config(coordinator_parser(), ["--config", str(config)]).lr == 1.0
+
+
+@pytest.mark.parametrize("module", ["coordinator", "trainer"])
+def test_a_missing_model_directory_is_named_at_once(tmp_path: Path, module: str) -> None:
+    missing = tmp_path / "no-such-model"
+    result = run_module(module, *(["--partition", "0"] if module == "trainer" else []), "--model", str(missing), timeout=60)
+    assert result.returncode == 2
+    assert f"--model {missing}: no such directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def png_size(path: Path) -> tuple[int, int]:
     """Width and height from a PNG's IHDR chunk; fails unless the file is a PNG."""
     data = path.read_bytes()

@@ -20,6 +20,7 @@ from phalanx.cli import (
     tls_credentials,
 )
 from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES
+from phalanx.model import missing_model_directory
 from phalanx.rpc import TlsCredentials, check_plaintext
 from trainer.learners import DEFAULT_CAPACITY
 from trainer.service import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_LOCAL_STEPS, WorkLimits
@@ -116,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_with_config(parser, argv)
     if args.max_local_steps < 1 or args.max_batch_size < 1 or args.max_learners < 1:
         parser.error("--max-local-steps, --max-batch-size and --max-learners must be at least 1")
+    for model in [args.model, *(m.strip() for m in args.models.split(",") if m.strip())]:
+        if problem := missing_model_directory(model):
+            parser.error(problem)  # at once, not after loading data and a model
     tls = tls_credentials(parser, args)
     try:
         check_plaintext(args.listen, tls, args.insecure, listening=True)
