@@ -496,8 +496,7 @@ class Run:
         if len(sampled) < rounds.min_trainers:
             raise RoundFailed(f"round {round_}: only {len(sampled)} live trainers, need {rounds.min_trainers}")
         current = self.global_adapter.federated()
-        encoded = encode(current, self._wire_dtype)
-        broadcast = Broadcast.of(trainer_pb2.TrainRequest, encoded)
+        adapters = await self._adapters_for(sampled, trainer_pb2.TrainRequest)  # one per rank: one unless ranks are mixed
 
         def header_for(entry: TrainerEntry) -> trainer_pb2.TrainHeader:
             return trainer_pb2.TrainHeader(
@@ -508,14 +507,15 @@ class Run:
                 learning_rate=rounds.learning_rate,
                 seed=trainer_seed(rounds.seed, round_, entry.partition),
                 reply_dtype=self._wire_dtype,
-                adapter=encoded.manifest,
+                adapter=adapters[self._rank_of(entry)][1],
                 run=self._spec,
                 batch_order=trainer_pb2.BatchOrder.Value(f"BATCH_ORDER_{rounds.batch_order.upper()}"),
                 proximal_mu=rounds.proximal_mu,
             )
 
         if self.global_adapter.mixed:
-            return await self._train_mixed(round_, stats, sampled, header_for)
+            return await self._train_mixed(round_, stats, sampled, header_for, adapters)
+        broadcast = adapters[0][0]
         clip_norm = self.adaptive_clip.norm if self.adaptive_clip is not None else rounds.clip_norm
         update_noise, count_noise = self._noise(len(sampled))
         if rounds.secure_aggregation:
@@ -615,11 +615,11 @@ class Run:
         stats: RoundStats,
         sampled: list[TrainerEntry],
         header_for: Callable[[TrainerEntry], trainer_pb2.TrainHeader],
+        adapters: Mapping[int, tuple[Broadcast, adapter_pb2.AdapterManifest]],
     ) -> ProductMean:
         """A round of sites at their own LoRA ranks: each gets the global update at its rank, and the
         aggregate is the mean of the products s_i·B_i·A_i (exact), with the mean of the other tensors."""
         rounds = self.config.rounds
-        adapters = await self._adapters_for(sampled, trainer_pb2.TrainRequest)
         replies: dict[str, tuple[Adapter, float, float]] = {}
 
         def accept(entry: TrainerEntry, reply: TrainReply, p: Participation) -> None:
@@ -628,9 +628,8 @@ class Run:
             p.num_examples, p.loss, p.compute_seconds = reply.result.num_examples, reply.result.loss, reply.result.seconds
 
         def train_one(entry: TrainerEntry) -> Awaitable[Participation]:
-            broadcast, manifest = adapters[entry.lora_rank]
+            broadcast = adapters[entry.lora_rank][0]
             header = header_for(entry)
-            header.adapter.CopyFrom(manifest)
             return self._ask(
                 entry,
                 "train",
