@@ -1,15 +1,20 @@
-"""The one-shot coordinator: a federation with one run, started and stopped together."""
+"""The one-shot coordinator: a federation with one run, started and stopped together.
+
+With `series`, runs follow one another on the same sites (`--repetitions`): sites are admitted
+for the run's labels and adapter layout as before, but serve every run of the series (each call
+names it), and `next_run` starts the next one.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from coordinator.config import CoordinatorConfig
+from coordinator.config import CoordinatorConfig, RunConfig
 from coordinator.federation import Admission, Federation
 from coordinator.global_adapter import adapter_tensors
 from coordinator.outputs import RunOutputs
-from coordinator.run import Run
+from coordinator.run import Run, RunRecorder
 from phalanx.codec import Adapter, layout_of
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import coordinator_pb2
@@ -27,17 +32,44 @@ class CoordinatorApp:
         start_round: int = 1,
         on_round: Callable[[dict[str, Any]], None] = lambda row: None,
         resumed: Mapping[str, str] | None = None,
+        series: bool = False,
     ) -> None:
         self.config = config
+        self._series = series
+        self._closed = False
         admission = Admission(
-            run_id, config.rounds.rounds, config.label_names, layout_of(adapter_tensors(initial)), config.rounds.mixed_ranks
-        )
-        self.federation = Federation(config.federation, telemetry, state=lambda: self.run.state, admission=admission)
+            "" if series else run_id, 0 if series else config.rounds.rounds, config.label_names,
+            layout_of(adapter_tensors(initial)), config.rounds.mixed_ranks,
+        )  # fmt: skip
+        self.federation = Federation(config.federation, telemetry, state=self._state, admission=admission)
         self.registry = self.federation.registry
         self.run = Run(
             config.run, self.federation, outputs, initial, run_id=run_id, start_round=start_round, on_round=on_round,
             resumed=resumed,
         )  # fmt: skip
+
+    def next_run(
+        self,
+        config: RunConfig,
+        outputs: RunRecorder,
+        initial: Adapter,
+        *,
+        run_id: str,
+        start_round: int = 1,
+        on_round: Callable[[dict[str, Any]], None] = lambda row: None,
+        resumed: Mapping[str, str] | None = None,
+    ) -> Run:
+        """Host the series' next run (after the last one ended) on the same federation."""
+        self.run = Run(
+            config, self.federation, outputs, initial, run_id=run_id, start_round=start_round, on_round=on_round, resumed=resumed
+        )
+        return self.run
+
+    def _state(self) -> int:
+        """What heartbeats report: the run's state, or, in a series, running until the last run is over."""
+        if self._series and not self._closed:
+            return coordinator_pb2.RUN_STATE_RUNNING
+        return self.run.state
 
     @property
     def address(self) -> str:
@@ -62,4 +94,5 @@ class CoordinatorApp:
     async def close(self, reason: str) -> None:
         """Tell every trainer the run is over, then stop serving and close the channels."""
         self.run.state = coordinator_pb2.RUN_STATE_FINISHED  # heartbeats now say so too
+        self._closed = True
         await self.federation.close(end_run=(self.run.run_id, reason))

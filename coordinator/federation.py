@@ -29,7 +29,7 @@ END_RUN_TIMEOUT_SECONDS = 5.0
 
 @dataclass(frozen=True)
 class Admission:
-    """A federation for a single run: sites join that run at registration, with its labels and layout."""
+    """A federation for a single run (or a series of runs alike): sites join at registration, with its labels and layout."""
 
     run_id: str
     last_round: int
@@ -49,10 +49,11 @@ class Federation:
         admission: Admission | None = None,
         services: Sequence[str] = (),
     ) -> None:
-        """`state`: the run state heartbeats report. `admission`: the one run sites join at registration;
-        None for a federation that serves many runs. `services`: names of more services added to `server`."""
+        """`state`: the run state heartbeats report. `admission`: the one run sites join at registration
+        (with an empty run id: the runs of a series, each named in its calls); None for a federation that
+        serves many runs. `services`: names of more services added to `server`."""
         self.config = config
-        self.serves_many = admission is None
+        self.serves_many = admission is None or not admission.run_id
         self.registry = Registry(
             telemetry,
             config.liveness_timeout,

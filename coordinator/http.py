@@ -35,6 +35,7 @@ from phalanx.rpc import TlsCredentials
 
 MAX_RUN_ID_CHARS = 64
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 
 def error(status: int, message: str) -> web.Response:
@@ -65,12 +66,43 @@ def peer_identity(request: web.Request) -> Identity | None:
     return identity_of(ssl.DER_cert_to_PEM_cert(der).encode()) if der else None
 
 
+def admin_only(access: AdminAccess) -> Middleware:
+    """The admin API's rule over HTTP: with TLS an admin certificate (401 without one, 403 for another
+    role); without TLS, answers only where the coordinator listens on loopback alone (403 otherwise)."""
+
+    @web.middleware
+    async def authorise(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if access.tls:
+            identity = peer_identity(request)
+            if identity is None:
+                return error(401, "a client certificate with the admin role from the federation's CA is required")
+            if identity.role != ROLE_ADMIN:
+                return error(
+                    403, f"only an admin may read this; the certificate is {identity.role or 'no role'} {printable(identity.name)}"
+                )
+        elif not access.open:
+            return error(403, "this coordinator listens off loopback without TLS: its status needs an admin certificate")
+        return await handler(request)
+
+    return authorise
+
+
+async def start_site(runner: web.AppRunner, address: str, tls: TlsCredentials | None) -> str:
+    """Set up `runner` and serve it on `address` (port 0: a free one), over HTTPS with `tls`; return the base URL."""
+    host, port = address.rsplit(":", 1)
+    await runner.setup()
+    context = server_context(tls) if tls is not None else None
+    site = web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=context)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return f"{'https' if context else 'http'}://{host}:{bound}"
+
+
 class StatusServer:
     def __init__(self, coordinator: ServingCoordinator, access: AdminAccess, tls: TlsCredentials | None) -> None:
         self._coordinator = coordinator
-        self._access = access
         self._tls = tls
-        self.app = web.Application(middlewares=[self._authorise])
+        self.app = web.Application(middlewares=[admin_only(access)])
         self.app.add_routes(
             [
                 web.get("/status", self.status),
@@ -86,31 +118,11 @@ class StatusServer:
 
     async def start(self, address: str) -> str:
         """Serve on `address` (port 0: a free one); return the base URL."""
-        host, port = address.rsplit(":", 1)
-        await self._runner.setup()
-        context = server_context(self._tls) if self._tls is not None else None
-        site = web.TCPSite(self._runner, host.strip("[]"), int(port), ssl_context=context)
-        await site.start()
-        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"{'https' if context else 'http'}://{host}:{bound}"
+        self.url = await start_site(self._runner, address, self._tls)
         return self.url
 
     async def close(self) -> None:
         await self._runner.cleanup()
-
-    @web.middleware
-    async def _authorise(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if self._access.tls:
-            identity = peer_identity(request)
-            if identity is None:
-                return error(401, "a client certificate with the admin role from the federation's CA is required")
-            if identity.role != ROLE_ADMIN:
-                return error(
-                    403, f"only an admin may read this; the certificate is {identity.role or 'no role'} {printable(identity.name)}"
-                )
-        elif not self._access.open:
-            return error(403, "this coordinator listens off loopback without TLS: its status needs an admin certificate")
-        return await handler(request)
 
     async def status(self, request: web.Request) -> web.Response:
         runs = await self._coordinator.list()

@@ -1,7 +1,9 @@
 """plot.png: how a run learned, drawn from its metrics.jsonl rows (matplotlib, no display needed).
 
 Panels: evaluation loss and train loss per round; evaluation accuracy per round; sites per round
-(sampled and accepted); and ε per round when the run is differentially private.
+(sampled and accepted); and ε per round when the run is differentially private. Repeated runs
+(`--repetitions`) get one plot of their summary: the mean of each metric per round, in a band
+from the lowest to the highest repetition, and a narrower one of ± one standard deviation.
 """
 
 from __future__ import annotations
@@ -36,13 +38,18 @@ def series(rows: Sequence[dict[str, Any]]) -> dict[str, tuple[list[int], list[fl
     return lines
 
 
-def plot_run(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Write plot.png of `rows` to `path` (blocking: call it in a worker thread)."""
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    return plt
+
+
+def plot_run(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Write plot.png of `rows` to `path` (blocking: call it in a worker thread)."""
+    plt = _pyplot()
     lines = series(rows)
     panels = [("loss", ("evaluation loss", "train loss")), ("accuracy", ("accuracy",)), ("sites", ("sites sampled", "sites accepted"))]
     if "ε" in lines:
@@ -59,6 +66,33 @@ def plot_run(rows: Sequence[dict[str, Any]], path: Path, title: str = "") -> Non
             axis.legend()
     for axis in list(axes.flat)[len(panels) :]:
         axis.axis("off")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=_DPI)
+    plt.close(figure)
+
+
+def plot_repetitions(summary: dict[str, Any], path: Path, title: str = "") -> None:
+    """Write the plot of a `coordinator.repetitions.summarise` summary to `path` (blocking)."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(PLOT_SIZE[0] / _DPI, PLOT_SIZE[1] / _DPI), dpi=_DPI)
+    for axis, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        points = [(r["round"], r[metric]) for r in summary["rounds"] if r[metric]["mean"] is not None]
+        if points:
+            rounds = [round_ for round_, _ in points]
+            mean = [s["mean"] for _, s in points]
+            std = [s["std"] or 0.0 for _, s in points]
+            axis.fill_between(rounds, [s["min"] for _, s in points], [s["max"] for _, s in points], alpha=0.15, label="min–max")
+            axis.fill_between(
+                rounds, [m - d for m, d in zip(mean, std, strict=True)], [m + d for m, d in zip(mean, std, strict=True)],
+                alpha=0.3, label="± 1 sd",
+            )  # fmt: skip
+            axis.plot(rounds, mean, marker="o", label=f"mean of {summary['repetitions']}")
+        axis.set_xlabel("round")
+        axis.set_ylabel(f"evaluation {metric}")
+        axis.grid(alpha=0.3)
+        axis.legend()
     if title:
         figure.suptitle(title)
     figure.tight_layout()

@@ -27,6 +27,7 @@ from coordinator.aggregation import DpFedAvg, clip_update, create_aggregator
 from coordinator.config import FederationConfig, RunConfig
 from coordinator.global_adapter import GlobalAdapter, ProductMean
 from coordinator.lora_math import lora_modules, mean_of_others, naive_averaging_error, product_mean
+from coordinator.progress import RunProgress
 from coordinator.ranks import with_rank
 from coordinator.registry import Registry, TrainerEntry
 from coordinator.secure_round import apply_update, settings_for
@@ -260,6 +261,10 @@ class Run:
         self.global_adapter = GlobalAdapter(initial, config.rounds, config.model)
         self.start_round = start_round
         self.completed_rounds = start_round - 1
+        self.completed_adapter = self.global_adapter.adapter
+        """The global adapter after the last completed (checkpointed) round, or the one the run started from."""
+        self.rounds_here = 0
+        """Rounds (round 0 included) this process has completed."""
         self.state = coordinator_pb2.RUN_STATE_WAITING
         self._stop_requested = False
         rounds = config.rounds
@@ -293,6 +298,8 @@ class Run:
         self._adapter_bytes = sum(a.nbytes for a in federated.values())
         self._size = sum(a.size for a in federated.values())
         self._judge = StoppingJudge(rounds.stopping)
+        self.progress = RunProgress(run_id, rounds.rounds)
+        """The round in flight, its phase and each site's steps, for the terminal and the dashboard."""
         self._ruled_out = False  # a stopping rule ended the run after a completed round
         self.tracker = PerformanceTracker.from_state(json.loads(resumed.get(TRACKER_KEY, "{}")) if resumed else {})
         self._verifier: Verifier | None = None
@@ -306,6 +313,15 @@ class Run:
         """The global adapter, every tensor of it (PEFT's keys)."""
         return self.global_adapter.adapter
 
+    def replay(self, rows: list[dict[str, Any]]) -> None:
+        """Take in the rows of the rounds before a resume, so the stopping rules judge the whole run
+        (and a run a rule ended stays ended)."""
+        for row in rows:
+            if row.get("status") == "ok" and row.get("accuracy") is not None:
+                self._judge.judge(row["round"], row["loss"], row["accuracy"])
+            if row.get("stop_reason"):
+                self.stop_reason, self._ruled_out = row["stop_reason"], True
+
     def stop_after_round(self) -> None:
         """Finish the round in flight (and its checkpoint), then return from run()."""
         self._stop_requested = True
@@ -317,6 +333,10 @@ class Run:
         RoundFailed ends the run.
         """
         rounds = self.config.rounds
+        if self.start_round > rounds.rounds or self._ruled_out:  # resumed after its end: nothing is left to run
+            self.state = coordinator_pb2.RUN_STATE_FINISHED
+            self.progress.finish(self.stop_reason)
+            return []
         await self._registry.wait_for(max(rounds.min_trainers, self.config.start_with), self.config.register_timeout)
         self.state = coordinator_pb2.RUN_STATE_RUNNING
         if self.privacy is not None and self.privacy.noise_multiplier == 0:
@@ -345,10 +365,11 @@ class Run:
             await asyncio.to_thread(
                 self.outputs.save_checkpoint, round_, self.global_adapter.checkpoint(), self._checkpoint_metadata()
             )
-            self.completed_rounds = round_
+            self.completed_rounds, self.completed_adapter = round_, self.global_adapter.adapter
             if self._ruled_out:
                 break
         self.state = coordinator_pb2.RUN_STATE_FINISHED
+        self.progress.finish(self.stop_reason)
         return rows
 
     def training_rng(self, round_: int) -> random.Random:
@@ -418,6 +439,7 @@ class Run:
         stats = RoundStats(round_)
         started = time.perf_counter()
         failure: RoundFailed | None = None
+        self.progress.begin_round(round_)
         with self._host.tracer.start_as_current_span("fl.round", attributes={"fl.round": round_, **self._attributes}) as span:
             if attempt:
                 span.set_attribute("fl.attempt", attempt)
@@ -459,10 +481,12 @@ class Run:
                     )
                     log.warning("round %d: %s %s %s: %s %s", round_, p.phase, p.status, p.trainer, p.code, p.reason)
         row = stats.row(self._adapter_bytes, "failed" if failure else "ok")
+        self.rounds_here += failure is None
         if attempt:
             row["attempt"] = attempt
         await asyncio.to_thread(self.outputs.append_metrics, row)
         self._on_round(row)
+        self.progress.round_done(row)
         if failure is not None:
             raise failure
         return row
@@ -483,7 +507,17 @@ class Run:
             self._note_unservable(entry, exc, p)
         except AdapterError as exc:
             p.status, p.code, p.reason = "rejected", status_for(exc).name, escaped(exc, MAX_REASON_CHARS)
+        self._answered(p)
         return p
+
+    def _answered(self, p: Participation) -> None:
+        self.progress.site_answered(
+            p.trainer, p.phase, p.status, p.reason, p.bytes_sent + p.bytes_received, p.compute_seconds, p.loss
+        )
+
+    def _stepped(self, entry: TrainerEntry) -> Callable[[int, float], None]:
+        """What a site's progress reports in this round update."""
+        return lambda step, loss: self.progress.site_step(entry.name, step, loss)
 
     async def _train(self, round_: int, stats: RoundStats, span: Span, attempt: int = 0) -> Adapter | ProductMean:
         rounds = self.config.rounds
@@ -497,6 +531,7 @@ class Run:
             raise RoundFailed(f"round {round_}: only {len(sampled)} live trainers, need {rounds.min_trainers}")
         current = self.global_adapter.federated()
         adapters = await self._adapters_for(sampled, trainer_pb2.TrainRequest)  # one per rank: one unless ranks are mixed
+        self.progress.begin_phase("train", [e.name for e in sampled], rounds.local_steps)
 
         def header_for(entry: TrainerEntry) -> trainer_pb2.TrainHeader:
             return trainer_pb2.TrainHeader(
@@ -566,11 +601,13 @@ class Run:
                 lambda: entry.client.train(
                     header_for(entry), broadcast, expected=self._expected, timeout=rounds.round_timeout, slots=self._host.slots,
                     max_bytes=self._limits.max_adapter_bytes, transfer_floor=self._limits.transfer_timeout,
+                    on_progress=self._stepped(entry),
                 ),  # fmt: skip
                 lambda reply, p: accept(entry, reply, p),
             )
 
         stats.train = list(await asyncio.gather(*(train_one(e) for e in sampled)))
+        self.progress.begin_phase("aggregate")
         for name in sorted(held):  # sampled trainers are unique by name, so this order is fixed
             aggregator.add(*held[name])
         accepted = sum(p.status == "accepted" for p in stats.train)
@@ -636,11 +673,13 @@ class Run:
                 lambda: entry.client.train(
                     header, broadcast, expected=with_rank(self._expected, entry.lora_rank), timeout=rounds.round_timeout,
                     slots=self._host.slots, max_bytes=self._limits.max_adapter_bytes, transfer_floor=self._limits.transfer_timeout,
+                    on_progress=self._stepped(entry),
                 ),  # fmt: skip
                 lambda reply, p: accept(entry, reply, p),
             )
 
         stats.train = list(await asyncio.gather(*(train_one(e) for e in sampled)))
+        self.progress.begin_phase("aggregate")
         if len(replies) < rounds.min_trainers:
             reasons = "; ".join(f"{p.trainer}: {p.code} {p.reason}" for p in stats.train if p.status != "accepted")
             raise RoundFailed(f"round {round_}: {len(replies)} accepted replies, need {rounds.min_trainers} ({reasons})")
@@ -816,6 +855,7 @@ class Run:
                 reply = await entry.client.train(
                     header, broadcast, expected=masked_layout, timeout=timeout, slots=self._host.slots,
                     max_bytes=self._limits.max_adapter_bytes, transfer_floor=self._limits.transfer_timeout,
+                    on_progress=self._stepped(entry),
                 )  # fmt: skip
                 parts[name].bytes_sent += reply.bytes_sent
                 parts[name].bytes_received += reply.bytes_received
@@ -834,6 +874,9 @@ class Run:
                 stage(parts[name], "masked input", masked_input(name), lambda r, n=name: accept_masked(n, r))
                 for name in server.shared
             ))  # fmt: skip
+        for p in parts.values():
+            self._answered(p)
+        self.progress.begin_phase("aggregate")
 
         with self._host.tracer.start_as_current_span("fl.secagg.unmask") as span:
             try:
@@ -896,6 +939,7 @@ class Run:
         rounds = self.config.rounds
         chosen = sample(self._eligible(), rounds.fraction_evaluate, 1, seeded(rounds.seed + 1, round_))
         adapters = await self._adapters_for(chosen, trainer_pb2.EvaluateRequest)
+        self.progress.begin_phase("evaluate", [e.name for e in chosen])
 
         def header_for(entry: TrainerEntry) -> trainer_pb2.EvaluateHeader:
             return trainer_pb2.EvaluateHeader(

@@ -295,10 +295,13 @@ class ServingCoordinator:
             start_round, adapter, resumed = checkpoint.round + 1, checkpoint.adapter, checkpoint.metadata
             log.info("run %s resumes after round %d", record.id, checkpoint.round)
         run = Run(config, self.federation, outputs, adapter, run_id=record.id, start_round=start_round, resumed=resumed)
+        if checkpoint is not None:
+            run.replay(await asyncio.to_thread(self.store.rows, record.id))
         self.hosted[record.id] = run
-        if start_round <= config.rounds.rounds:
-            await run.execute()
-        await asyncio.to_thread(save_adapter, model, run.adapter, Path(record.out) / "adapter")
+        await run.execute()
+        await asyncio.to_thread(
+            save_adapter, model, run.adapter, Path(record.out) / "adapter", model_name=args.model, label_names=labels
+        )
         rows = await asyncio.to_thread(self.store.rows, record.id)
         await asyncio.to_thread(plot_run, rows, Path(record.out) / "plot.png", f"run {record.id}")
         return run.stop_reason

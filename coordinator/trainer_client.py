@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from phalanx.codec import DEFAULT_MAX_ADAPTER_BYTES, Adapter, AdapterAssembler, EncodedAdapter, TensorLayout
+from phalanx.codec import (
+    DEFAULT_MAX_ADAPTER_BYTES,
+    Adapter,
+    AdapterAssembler,
+    AdapterError,
+    EncodedAdapter,
+    TensorLayout,
+)
 from phalanx.rpc import TlsCredentials, create_channel
-from phalanx.streams import TransferStalled, check_round, read_chunks, read_header
+from phalanx.streams import TransferStalled, check_round, read_chunks
 from phalanx.telemetry import Telemetry
 from phalanx.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -81,6 +88,35 @@ def transfer_seconds(floor: float, nbytes: int) -> float:
     return floor + nbytes / TRANSFER_BYTES_PER_SECOND
 
 
+ProgressCallback = Callable[[int, float], None]
+"""Told each of a trainer's progress reports: the steps it has done, and its mean loss so far."""
+
+
+async def read_result(
+    replies: AsyncIterator[trainer_pb2.TrainResponse], steps: int, on_progress: ProgressCallback | None
+) -> tuple[trainer_pb2.TrainResult, int]:
+    """The reply stream's progress reports (each handed to `on_progress`), then its result; the bytes read.
+
+    A report must count more steps than the one before and no more than the `steps` asked for, so
+    a trainer sends at most `steps` of them.
+    """
+    nbytes, last = 0, 0
+    while True:
+        message = await anext(replies, None)
+        kind = message.WhichOneof("payload") if message is not None else None
+        if kind == "result":
+            return message.result, nbytes + message.ByteSize()
+        if kind != "progress":
+            raise AdapterError("the reply must start with progress reports or the result")
+        nbytes += message.ByteSize()
+        step = message.progress.step
+        if not last < step <= steps:
+            raise AdapterError(f"a progress report counts step {step} after step {last}, of {steps} steps asked for")
+        last = step
+        if on_progress is not None:
+            on_progress(step, message.progress.loss)
+
+
 def _method(name: str) -> str:
     return f"/{trainer_pb2.DESCRIPTOR.services_by_name['TrainerService'].full_name}/{name}"
 
@@ -115,20 +151,22 @@ class TrainerClient:
         slots: asyncio.Semaphore,
         max_bytes: int = DEFAULT_MAX_ADAPTER_BYTES,
         transfer_floor: float = TRANSFER_FLOOR_SECONDS,
+        on_progress: ProgressCallback | None = None,
     ) -> TrainReply:
         """Send the global adapter, receive the trained one.
 
         One of `slots` is held while the global adapter is sent, and another while the reply is
         received: the request stream ends, which lets the trainer send its adapter, only once a
         slot is free. The reply must then arrive within `transfer_seconds(transfer_floor, size)`,
-        so a trainer that goes silent cannot keep a slot from the others. Raises AdapterError if
-        the reply is malformed, WrongRound if it is for another round, TransferStalled if it is late.
+        so a trainer that goes silent cannot keep a slot from the others. The trainer's progress
+        reports before its result go to `on_progress`. Raises AdapterError if the reply is
+        malformed, WrongRound if it is for another round, TransferStalled if it is late.
         """
         upload = _Upload(trainer_pb2.TrainRequest(header=header), adapter, slots)
         call = self._train(aiter(upload), timeout=timeout)
         try:
             replies = aiter(call)
-            result, received = await read_header(replies, "result")
+            result, received = await read_result(replies, header.local_steps, on_progress)
             check_round(result, header.run_id, header.round)
             assembler = AdapterAssembler(result.adapter, expected=expected, max_bytes=max_bytes)
             allowed = transfer_seconds(transfer_floor, result.adapter.total_bytes)

@@ -196,8 +196,11 @@ def model_and_data_flags(args: argparse.Namespace) -> list[str]:
 
 
 def configure_logging(level: str, component: str) -> None:
+    """Log at `level` to stderr; grpc's own loggers stay at INFO or above, whose DEBUG lines
+    (asyncio's "Loaded running loop" on every call) would drown ours."""
     logging.basicConfig(
         level=level.upper(),
         format=f"%(asctime)s {component} %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("grpc").setLevel(max(logging.getLogger().level, logging.INFO))

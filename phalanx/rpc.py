@@ -19,6 +19,7 @@ Options, each set once here:
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from phalanx import reflection
 from phalanx.codec import CHUNK_BYTES
-from phalanx.identity import Identity, check_address, identity_of, is_loopback, printable
+from phalanx.identity import AddressError, Identity, check_address, identity_of, is_loopback, printable
 from phalanx.streams import discard_rest
 from phalanx.telemetry import Telemetry
 
@@ -106,6 +107,25 @@ def check_plaintext(address: str, tls: TlsCredentials | None, insecure: bool, *,
     if not is_loopback(host):
         what = "listen on" if listening else "connect to"
         raise TlsError(f"refusing to {what} {address} without TLS: {PROVISION_HINT}, or pass --insecure for plaintext")
+
+
+def check_port_free(address: str) -> None:
+    """Raise AddressError if nothing could listen on `address` now (the port is taken, or the host is
+    not this machine's), so a command can say so before it spends minutes loading. Port 0 always passes."""
+    host, port = check_address(address, listening=True)
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise AddressError(f"cannot listen on {printable(address)}: {exc.strerror}") from None
+    family, kind, protocol, _, where = infos[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a port in TIME_WAIT is free
+        try:
+            probe.bind(where)
+        except OSError as exc:
+            raise AddressError(f"cannot listen on {printable(address)}: {exc.strerror}") from None
 
 
 def create_channel(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +90,41 @@ def test_a_missing_model_directory_is_named_at_once(tmp_path: Path, module: str)
     assert result.returncode == 2
     assert f"--model {missing}: no such directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--http"])
+def test_a_busy_port_is_refused_before_anything_loads_or_is_written(tmp_path: Path, common_flags: list[str], flag: str) -> None:
+    out = tmp_path / "out"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = f"127.0.0.1:{holder.getsockname()[1]}"
+        mode = ["--serve", "--state-dir", str(out), "--http", busy] if flag == "--http" else ["--listen", busy, "--out", str(out)]
+        result = run_module("coordinator", *mode, "--spawn-trainers", "2", *common_flags, timeout=60)
+    assert result.returncode == 2
+    assert f"cannot listen on '{busy}': Address already in use" in result.stderr
+    assert not out.exists() and "Traceback" not in result.stderr
+
+
+def test_an_interrupt_before_any_round_says_so(tmp_path: Path, common_flags: list[str]) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "--listen", "127.0.0.1:0", "--out", str(tmp_path / "out"), *common_flags],
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "waiting for 2 trainers" in line:
+                break
+        process.send_signal(signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130
+    assert "Stopped by SIGINT before any round completed; run again with the same --out to resume." in output
+    assert not (tmp_path / "out" / "adapter").exists()
 
 
 def png_size(path: Path) -> tuple[int, int]:

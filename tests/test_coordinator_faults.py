@@ -102,6 +102,8 @@ def test_killed_coordinator_resumes_at_the_same_round_with_bit_identical_result(
 
     log = (resumed / "coordinator.log").read_text()
     assert "Resuming after round 2" in log
+    # The restarted process counts only its own rounds (3 and 4) in its summary.
+    assert "Finished rounds 3-4 in " in log and "rounds 1-2 ran before the resume." in log
     trainer_logs = "".join((resumed / f"trainer-{k}.log").read_text() for k in range(3))
     assert "registering again" in trainer_logs  # trainers survived the restart and re-registered
     a = load_file(reference / "adapter" / "adapter_model.safetensors")
@@ -181,9 +183,14 @@ def test_sigterm_drains_finishes_the_round_checkpoints_flushes_and_exits_zero(tm
         spans = collector.spans
 
     assert coordinator.returncode == 0, output
-    assert "Stopped by SIGTERM after round 2" in output
+    assert "Stopped by SIGTERM after round 2 (adapter/ holds round 2's adapter)" in output
     assert health_pb2.HealthCheckResponse.NOT_SERVING in statuses
     assert json.loads((out / "checkpoints" / "latest.json").read_text())["round"] == 2
+    # The last completed round's adapter is written as a usable PEFT adapter, not only as a checkpoint.
+    checkpoint = RunOutputs(out).load_latest_checkpoint()
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert checkpoint is not None and saved.keys() == checkpoint.adapter.keys()
+    assert all(np.array_equal(saved[k], checkpoint.adapter[k]) for k in saved)
     assert sorted(s.attributes["fl.round"] for s in spans if s.name == "fl.round") == [0, 1, 2]
     for k in range(2):
         log = (out / "logs" / f"trainer-{k}.log").read_text()

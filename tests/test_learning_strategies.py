@@ -138,7 +138,10 @@ async def test_mixed_ranks_give_a_peft_adapter_with_the_averaged_product(tmp_pat
     expected = np.mean([(16 / r) * (ln.sent[-1][b_key] @ ln.sent[-1][a_key]) for r, ln in learners.items()], axis=0)
     assert np.abs(expected).max() > 1e-3
 
-    save_adapter(build_model(run_model), coordinator.app.run.adapter, tmp_path / "adapter")
+    save_adapter(
+        build_model(run_model), coordinator.app.run.adapter, tmp_path / "adapter",
+        model_name=run_model.model, label_names=("negative", "neutral", "positive"),
+    )  # fmt: skip
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_model_dir), num_labels=3)
     peft = PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
     query = peft.base_model.model.bert.encoder.layer[0].attention.self.query

@@ -104,3 +104,22 @@ async def test_a_run_stops_at_the_rule_round_and_says_why_in_row_span_and_checkp
     checkpoint = RunOutputs(tmp_path).load_latest_checkpoint()
     assert checkpoint is not None and checkpoint.round == last  # the round that met the rule is kept
     assert coordinator.app.run.completed_rounds == last
+
+
+async def test_a_resumed_run_judges_the_rounds_before_the_resume_too(tmp_path: Path) -> None:
+    """Patience 2 stops the scripted run after round 5 whether or not it was resumed after round 3."""
+    coordinator = await start_coordinator(tmp_path, rounds=7, stopping=StoppingRules(patience=2, min_delta=0.02))
+    app = coordinator.app
+    earlier = [{"round": r, "status": "ok", "loss": LOSS[r], "accuracy": ACCURACY[r]} for r in range(4)]
+    app.next_run(app.config.run, RunOutputs(tmp_path), coordinator.initial, run_id="run-1", start_round=4).replay(earlier)
+    learners = [ScriptedEcho() for _ in range(2)]
+    for learner in learners:
+        learner.evaluations = 4  # the scripted figures go on from round 4
+    sites = [await start_echo_site(coordinator.address, k, learner=learner) for k, learner in enumerate(learners)]
+    try:
+        rows = await app.execute()
+    finally:
+        await stop_sites(sites)
+        await coordinator.close()
+    assert [r["round"] for r in rows] == [4, 5]
+    assert "rose by +0.0120 over the last 2" in rows[-1]["stop_reason"]

@@ -27,7 +27,7 @@ import numpy as np
 
 from phalanx.model import ModelConfig
 from phalanx.rpc import TlsCredentials
-from trainer.jobs import EvalOutcome, Stopped, TrainOutcome
+from trainer.jobs import EvalOutcome, StepCallback, Stopped, TrainOutcome
 from trainer.learners import Learners
 
 log = logging.getLogger("trainer.echo")
@@ -74,9 +74,15 @@ class EchoLearner:
         batch_order: str = "grouped",
         proximal_mu: float = 0.0,
         freeze_lora_a: bool = False,
+        on_step: StepCallback | None = None,
     ) -> TrainOutcome:
         started = time.perf_counter()
-        self._wait(stop)
+        if on_step is None:
+            self._wait(stop)
+        else:  # the delay spread over the steps, each reported as it ends
+            for step in range(1, steps + 1):
+                self._wait(stop, self.delay / steps)
+                on_step(step, 1.0)
         if self.shift:
             adapter = {name: a + np.float32(self.shift) for name, a in adapter.items()}
         return TrainOutcome(adapter, loss=1.0, steps=steps, examples_seen=steps * batch_size, seconds=time.perf_counter() - started)
@@ -89,8 +95,9 @@ class EchoLearner:
         n = min(self.num_test_examples, max_examples) if max_examples else self.num_test_examples
         return EvalOutcome(loss=1.0, accuracy=0.5, num_examples=n, seconds=time.perf_counter() - started)
 
-    def _wait(self, stop: threading.Event) -> None:
-        stopped = stop.wait(self.delay) if self.delay > 0 else stop.is_set()
+    def _wait(self, stop: threading.Event, seconds: float | None = None) -> None:
+        seconds = self.delay if seconds is None else seconds
+        stopped = stop.wait(seconds) if seconds > 0 else stop.is_set()
         if stopped:
             self.stopped_jobs += 1
             raise Stopped

@@ -7,15 +7,19 @@ adapter back unchanged, for load tests and benchmarks of the coordinator.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, SupportsFloat
 
 import numpy as np
 
 
 class Stopped(Exception):
     """The job was asked to stop before it finished."""
+
+
+StepCallback = Callable[[int, SupportsFloat], None]
+"""Told after each training step: the steps done, and the mean loss so far (converted only if used)."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class LocalWork(Protocol):
 
     Both methods check `stop` at least once per step and raise Stopped when it is set. `train`
     adds FedProx's proximal term with `proximal_mu` > 0 and keeps every lora_A factor fixed with
-    `freeze_lora_a` (FFA-LoRA).
+    `freeze_lora_a` (FFA-LoRA), and tells `on_step` after every step.
     """
 
     @property
@@ -66,6 +70,7 @@ class LocalWork(Protocol):
         batch_order: str = "grouped",
         proximal_mu: float = 0.0,
         freeze_lora_a: bool = False,
+        on_step: StepCallback | None = None,
     ) -> TrainOutcome: ...
 
     def evaluate(

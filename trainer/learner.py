@@ -18,7 +18,7 @@ from phalanx.model import ModelConfig, adapter_state, build_model, is_lora_a, lo
 from phalanx.partition import Partition
 from trainer.batches import TokenizedSplit, batch_stream
 from trainer.device import Compute
-from trainer.jobs import EvalOutcome, Stopped, TrainOutcome
+from trainer.jobs import EvalOutcome, StepCallback, Stopped, TrainOutcome
 
 
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
@@ -65,6 +65,7 @@ class Learner:
         batch_order: str = "grouped",
         proximal_mu: float = 0.0,
         freeze_lora_a: bool = False,
+        on_step: StepCallback | None = None,
     ) -> TrainOutcome:
         if len(self.train_split) == 0:
             raise ValueError("this site has no training examples")
@@ -80,6 +81,7 @@ class Learner:
         scaler = self.compute.grad_scaler()
         self.model.train()
         losses: list[torch.Tensor] = []
+        total = torch.zeros((), device=self.compute.device)
         seen = 0
         for _, indices in zip(range(steps), batches, strict=False):
             if stop.is_set():
@@ -93,6 +95,9 @@ class Learner:
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float())
             seen += len(indices)
+            if on_step is not None:
+                total += losses[-1]  # on the device: no sync unless the reporter reads it
+                on_step(len(losses), total / len(losses))
         return TrainOutcome(
             adapter=adapter_state(self.model),
             loss=float(torch.stack(losses).mean()) if losses else float("nan"),

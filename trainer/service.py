@@ -45,6 +45,7 @@ from phalanx.telemetry import Telemetry
 from phalanx.v1 import adapter_pb2, trainer_pb2, trainer_pb2_grpc
 from trainer.jobs import EvalOutcome, LocalWork, Stopped, TrainOutcome
 from trainer.learners import Learners, Unservable
+from trainer.progress import StepReporter
 from trainer.secure import SecureRounds
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> AsyncIterator[trainer_pb2.TrainResponse]:
         range_clipped = 0
 
+        reporter = StepReporter(asyncio.get_running_loop())
+
         def train(
             header: trainer_pb2.TrainHeader, adapter: Adapter, learner: LocalWork, stop: threading.Event
         ) -> TrainOutcome:
@@ -143,6 +146,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 batch_order="random" if header.batch_order == trainer_pb2.BATCH_ORDER_RANDOM else "grouped",
                 proximal_mu=header.proximal_mu,
                 freeze_lora_a=ffa,
+                on_step=reporter,
             )
             if ffa:
                 outcome = replace(outcome, adapter=without_lora_a(outcome.adapter))
@@ -153,7 +157,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             range_clipped = masked.range_clipped
             return replace(outcome, adapter={MASKED_TENSOR: masked.words})
 
-        header, outcome, learner = await self._serve("train", request_iterator, context, train, self._begin_secure)
+        job = asyncio.ensure_future(self._serve("train", request_iterator, context, train, self._begin_secure))
+        try:
+            async for report in reporter.reports_until(job):
+                yield trainer_pb2.TrainResponse(progress=report)
+            header, outcome, learner = await job
+        finally:
+            job.cancel()  # the call ended first: the job's stop flag is set
         secure = header.HasField("secure_aggregation")
         encoded = encode(
             outcome.adapter,

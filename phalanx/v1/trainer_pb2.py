@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from phalanx.v1 import adapter_pb2 as phalanx_dot_v1_dot_adapter__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18phalanx/v1/trainer.proto\x12\nphalanx.v1\x1a\x18phalanx/v1/adapter.proto\"\xf2\x02\n\x0bTrainHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12)\n\x0breply_dtype\x18\x07 \x01(\x0e\x32\x14.phalanx.v1.DataType\x12,\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32\x1b.phalanx.v1.AdapterManifest\x12\x39\n\x12secure_aggregation\x18\t \x01(\x0b\x32\x1d.phalanx.v1.SecureAggregation\x12 \n\x03run\x18\n \x01(\x0b\x32\x13.phalanx.v1.RunSpec\x12+\n\x0b\x62\x61tch_order\x18\x0b \x01(\x0e\x32\x16.phalanx.v1.BatchOrder\x12\x13\n\x0bproximal_mu\x18\x0c \x01(\x01\"\xfd\x01\n\x07RunSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0blabel_names\x18\x02 \x03(\t\x12\x0e\n\x06lora_r\x18\x03 \x01(\r\x12\x12\n\nlora_alpha\x18\x04 \x01(\r\x12\x14\n\x0clora_dropout\x18\x05 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x12\n\nlast_round\x18\x08 \x01(\r\x12-\n\x0clora_variant\x18\t \x01(\x0e\x32\x17.phalanx.v1.LoraVariant\x12\x10\n\x08\x66\x66\x61_seed\x18\n \x01(\x04\x12\x13\n\x0bmixed_ranks\x18\x0b \x01(\x08\"\xd0\x01\n\x11SecureAggregation\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12(\n\x06shares\x18\x02 \x03(\x0b\x32\x18.phalanx.v1.SealedShares\x12\x14\n\x0cweight_share\x18\x03 \x01(\x01\x12\x12\n\nclip_range\x18\x04 \x01(\x01\x12\x11\n\tclip_norm\x18\x05 \x01(\x01\x12\x11\n\tnoise_std\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ount_unclipped\x18\x07 \x01(\x08\x12\x17\n\x0f\x63ount_noise_std\x18\x08 \x01(\x01\"o\n\x0cTrainRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.phalanx.v1.TrainHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.phalanx.v1.AdapterChunkH\x00\x42\t\n\x07payload\"\xcc\x01\n\x0bTrainResult\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x15\n\rexamples_seen\x18\x04 \x01(\x04\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12,\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32\x1b.phalanx.v1.AdapterManifest\x12\x15\n\rrange_clipped\x18\t \x01(\x04\"p\n\rTrainResponse\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x17.phalanx.v1.TrainResultH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.phalanx.v1.AdapterChunkH\x00\x42\t\n\x07payload\"\xa9\x01\n\x0e\x45valuateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x14\n\x0cmax_examples\x18\x04 \x01(\r\x12,\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1b.phalanx.v1.AdapterManifest\x12 \n\x03run\x18\x06 \x01(\x0b\x32\x13.phalanx.v1.RunSpec\"u\n\x0f\x45valuateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.phalanx.v1.EvaluateHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.phalanx.v1.AdapterChunkH\x00\x42\t\n\x07payload\"x\n\x10\x45valuateResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"/\n\rEndRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x10\n\x0e\x45ndRunResponse\"=\n\x0bSecureRound\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\"{\n\x14\x41\x64vertiseKeysRequest\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.phalanx.v1.SecureRound\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x12\n\nneighbours\x18\x03 \x01(\r\x12\x11\n\tthreshold\x18\x04 \x01(\r\"\x8f\x01\n\nSignedKeys\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x17\n\x0fseed_commitment\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x06 \x01(\x0c\"=\n\x15\x41\x64vertiseKeysResponse\x12$\n\x04keys\x18\x01 \x01(\x0b\x32\x16.phalanx.v1.SignedKeys\"f\n\x10ShareKeysRequest\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.phalanx.v1.SecureRound\x12*\n\nneighbours\x18\x02 \x03(\x0b\x32\x16.phalanx.v1.SignedKeys\"0\n\x0cSealedShares\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"=\n\x11ShareKeysResponse\x12(\n\x06shares\x18\x01 \x03(\x0b\x32\x18.phalanx.v1.SealedShares\"[\n\rUnmaskRequest\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.phalanx.v1.SecureRound\x12\x11\n\tsurvivors\x18\x02 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\t\",\n\rRevealedShare\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x0c\"o\n\x0eUnmaskResponse\x12.\n\x0bseed_shares\x18\x01 \x03(\x0b\x32\x19.phalanx.v1.RevealedShare\x12-\n\nkey_shares\x18\x02 \x03(\x0b\x32\x19.phalanx.v1.RevealedShare*A\n\x0bLoraVariant\x12\x1c\n\x18LORA_VARIANT_UNSPECIFIED\x10\x00\x12\x14\n\x10LORA_VARIANT_FFA\x10\x01*Z\n\nBatchOrder\x12\x1b\n\x17\x42\x41TCH_ORDER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42\x41TCH_ORDER_GROUPED\x10\x01\x12\x16\n\x12\x42\x41TCH_ORDER_RANDOM\x10\x02\x32\xbd\x03\n\x0eTrainerService\x12@\n\x05Train\x12\x18.phalanx.v1.TrainRequest\x1a\x19.phalanx.v1.TrainResponse(\x01\x30\x01\x12G\n\x08\x45valuate\x12\x1b.phalanx.v1.EvaluateRequest\x1a\x1c.phalanx.v1.EvaluateResponse(\x01\x12?\n\x06\x45ndRun\x12\x19.phalanx.v1.EndRunRequest\x1a\x1a.phalanx.v1.EndRunResponse\x12T\n\rAdvertiseKeys\x12 .phalanx.v1.AdvertiseKeysRequest\x1a!.phalanx.v1.AdvertiseKeysResponse\x12H\n\tShareKeys\x12\x1c.phalanx.v1.ShareKeysRequest\x1a\x1d.phalanx.v1.ShareKeysResponse\x12?\n\x06Unmask\x12\x19.phalanx.v1.UnmaskRequest\x1a\x1a.phalanx.v1.UnmaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18phalanx/v1/trainer.proto\x12\nphalanx.v1\x1a\x18phalanx/v1/adapter.proto\"\xf2\x02\n\x0bTrainHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0blocal_steps\x18\x03 \x01(\r\x12\x12\n\nbatch_size\x18\x04 \x01(\r\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12)\n\x0breply_dtype\x18\x07 \x01(\x0e\x32\x14.phalanx.v1.DataType\x12,\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32\x1b.phalanx.v1.AdapterManifest\x12\x39\n\x12secure_aggregation\x18\t \x01(\x0b\x32\x1d.phalanx.v1.SecureAggregation\x12 \n\x03run\x18\n \x01(\x0b\x32\x13.phalanx.v1.RunSpec\x12+\n\x0b\x62\x61tch_order\x18\x0b \x01(\x0e\x32\x16.phalanx.v1.BatchOrder\x12\x13\n\x0bproximal_mu\x18\x0c \x01(\x01\"\xfd\x01\n\x07RunSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0blabel_names\x18\x02 \x03(\t\x12\x0e\n\x06lora_r\x18\x03 \x01(\r\x12\x12\n\nlora_alpha\x18\x04 \x01(\r\x12\x14\n\x0clora_dropout\x18\x05 \x01(\x01\x12\x16\n\x0etarget_modules\x18\x06 \x03(\t\x12\x12\n\nmax_length\x18\x07 \x01(\r\x12\x12\n\nlast_round\x18\x08 \x01(\r\x12-\n\x0clora_variant\x18\t \x01(\x0e\x32\x17.phalanx.v1.LoraVariant\x12\x10\n\x08\x66\x66\x61_seed\x18\n \x01(\x04\x12\x13\n\x0bmixed_ranks\x18\x0b \x01(\x08\"\xd0\x01\n\x11SecureAggregation\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12(\n\x06shares\x18\x02 \x03(\x0b\x32\x18.phalanx.v1.SealedShares\x12\x14\n\x0cweight_share\x18\x03 \x01(\x01\x12\x12\n\nclip_range\x18\x04 \x01(\x01\x12\x11\n\tclip_norm\x18\x05 \x01(\x01\x12\x11\n\tnoise_std\x18\x06 \x01(\x01\x12\x17\n\x0f\x63ount_unclipped\x18\x07 \x01(\x08\x12\x17\n\x0f\x63ount_noise_std\x18\x08 \x01(\x01\"o\n\x0cTrainRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.phalanx.v1.TrainHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.phalanx.v1.AdapterChunkH\x00\x42\t\n\x07payload\"\xcc\x01\n\x0bTrainResult\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x15\n\rexamples_seen\x18\x04 \x01(\x04\x12\r\n\x05steps\x18\x05 \x01(\r\x12\x0c\n\x04loss\x18\x06 \x01(\x01\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12,\n\x07\x61\x64\x61pter\x18\x08 \x01(\x0b\x32\x1b.phalanx.v1.AdapterManifest\x12\x15\n\rrange_clipped\x18\t \x01(\x04\"+\n\rTrainProgress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x0c\n\x04loss\x18\x02 \x01(\x01\"\x9f\x01\n\rTrainResponse\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x17.phalanx.v1.TrainResultH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.phalanx.v1.AdapterChunkH\x00\x12-\n\x08progress\x18\x03 \x01(\x0b\x32\x19.phalanx.v1.TrainProgressH\x00\x42\t\n\x07payload\"\xa9\x01\n\x0e\x45valuateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nbatch_size\x18\x03 \x01(\r\x12\x14\n\x0cmax_examples\x18\x04 \x01(\r\x12,\n\x07\x61\x64\x61pter\x18\x05 \x01(\x0b\x32\x1b.phalanx.v1.AdapterManifest\x12 \n\x03run\x18\x06 \x01(\x0b\x32\x13.phalanx.v1.RunSpec\"u\n\x0f\x45valuateRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.phalanx.v1.EvaluateHeaderH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.phalanx.v1.AdapterChunkH\x00\x42\t\n\x07payload\"x\n\x10\x45valuateResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x05 \x01(\x01\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"/\n\rEndRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x10\n\x0e\x45ndRunResponse\"=\n\x0bSecureRound\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\"{\n\x14\x41\x64vertiseKeysRequest\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.phalanx.v1.SecureRound\x12\x14\n\x0cparticipants\x18\x02 \x03(\t\x12\x12\n\nneighbours\x18\x03 \x01(\r\x12\x11\n\tthreshold\x18\x04 \x01(\r\"\x8f\x01\n\nSignedKeys\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x19\n\x11\x63ipher_public_key\x18\x02 \x01(\x0c\x12\x17\n\x0fmask_public_key\x18\x03 \x01(\x0c\x12\x17\n\x0fseed_commitment\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\x12\x13\n\x0b\x63\x65rtificate\x18\x06 \x01(\x0c\"=\n\x15\x41\x64vertiseKeysResponse\x12$\n\x04keys\x18\x01 \x01(\x0b\x32\x16.phalanx.v1.SignedKeys\"f\n\x10ShareKeysRequest\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.phalanx.v1.SecureRound\x12*\n\nneighbours\x18\x02 \x03(\x0b\x32\x16.phalanx.v1.SignedKeys\"0\n\x0cSealedShares\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\"=\n\x11ShareKeysResponse\x12(\n\x06shares\x18\x01 \x03(\x0b\x32\x18.phalanx.v1.SealedShares\"[\n\rUnmaskRequest\x12&\n\x05round\x18\x01 \x01(\x0b\x32\x17.phalanx.v1.SecureRound\x12\x11\n\tsurvivors\x18\x02 \x03(\t\x12\x0f\n\x07\x64ropped\x18\x03 \x03(\t\",\n\rRevealedShare\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05share\x18\x02 \x01(\x0c\"o\n\x0eUnmaskResponse\x12.\n\x0bseed_shares\x18\x01 \x03(\x0b\x32\x19.phalanx.v1.RevealedShare\x12-\n\nkey_shares\x18\x02 \x03(\x0b\x32\x19.phalanx.v1.RevealedShare*A\n\x0bLoraVariant\x12\x1c\n\x18LORA_VARIANT_UNSPECIFIED\x10\x00\x12\x14\n\x10LORA_VARIANT_FFA\x10\x01*Z\n\nBatchOrder\x12\x1b\n\x17\x42\x41TCH_ORDER_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42\x41TCH_ORDER_GROUPED\x10\x01\x12\x16\n\x12\x42\x41TCH_ORDER_RANDOM\x10\x02\x32\xbd\x03\n\x0eTrainerService\x12@\n\x05Train\x12\x18.phalanx.v1.TrainRequest\x1a\x19.phalanx.v1.TrainResponse(\x01\x30\x01\x12G\n\x08\x45valuate\x12\x1b.phalanx.v1.EvaluateRequest\x1a\x1c.phalanx.v1.EvaluateResponse(\x01\x12?\n\x06\x45ndRun\x12\x19.phalanx.v1.EndRunRequest\x1a\x1a.phalanx.v1.EndRunResponse\x12T\n\rAdvertiseKeys\x12 .phalanx.v1.AdvertiseKeysRequest\x1a!.phalanx.v1.AdvertiseKeysResponse\x12H\n\tShareKeys\x12\x1c.phalanx.v1.ShareKeysRequest\x1a\x1d.phalanx.v1.ShareKeysResponse\x12?\n\x06Unmask\x12\x19.phalanx.v1.UnmaskRequest\x1a\x1a.phalanx.v1.UnmaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'phalanx.v1.trainer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LORAVARIANT']._serialized_start=2686
-  _globals['_LORAVARIANT']._serialized_end=2751
-  _globals['_BATCHORDER']._serialized_start=2753
-  _globals['_BATCHORDER']._serialized_end=2843
+  _globals['_LORAVARIANT']._serialized_start=2779
+  _globals['_LORAVARIANT']._serialized_end=2844
+  _globals['_BATCHORDER']._serialized_start=2846
+  _globals['_BATCHORDER']._serialized_end=2936
   _globals['_TRAINHEADER']._serialized_start=67
   _globals['_TRAINHEADER']._serialized_end=437
   _globals['_RUNSPEC']._serialized_start=440
@@ -46,38 +46,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINREQUEST']._serialized_end=1017
   _globals['_TRAINRESULT']._serialized_start=1020
   _globals['_TRAINRESULT']._serialized_end=1224
-  _globals['_TRAINRESPONSE']._serialized_start=1226
-  _globals['_TRAINRESPONSE']._serialized_end=1338
-  _globals['_EVALUATEHEADER']._serialized_start=1341
-  _globals['_EVALUATEHEADER']._serialized_end=1510
-  _globals['_EVALUATEREQUEST']._serialized_start=1512
-  _globals['_EVALUATEREQUEST']._serialized_end=1629
-  _globals['_EVALUATERESPONSE']._serialized_start=1631
-  _globals['_EVALUATERESPONSE']._serialized_end=1751
-  _globals['_ENDRUNREQUEST']._serialized_start=1753
-  _globals['_ENDRUNREQUEST']._serialized_end=1800
-  _globals['_ENDRUNRESPONSE']._serialized_start=1802
-  _globals['_ENDRUNRESPONSE']._serialized_end=1818
-  _globals['_SECUREROUND']._serialized_start=1820
-  _globals['_SECUREROUND']._serialized_end=1881
-  _globals['_ADVERTISEKEYSREQUEST']._serialized_start=1883
-  _globals['_ADVERTISEKEYSREQUEST']._serialized_end=2006
-  _globals['_SIGNEDKEYS']._serialized_start=2009
-  _globals['_SIGNEDKEYS']._serialized_end=2152
-  _globals['_ADVERTISEKEYSRESPONSE']._serialized_start=2154
-  _globals['_ADVERTISEKEYSRESPONSE']._serialized_end=2215
-  _globals['_SHAREKEYSREQUEST']._serialized_start=2217
-  _globals['_SHAREKEYSREQUEST']._serialized_end=2319
-  _globals['_SEALEDSHARES']._serialized_start=2321
-  _globals['_SEALEDSHARES']._serialized_end=2369
-  _globals['_SHAREKEYSRESPONSE']._serialized_start=2371
-  _globals['_SHAREKEYSRESPONSE']._serialized_end=2432
-  _globals['_UNMASKREQUEST']._serialized_start=2434
-  _globals['_UNMASKREQUEST']._serialized_end=2525
-  _globals['_REVEALEDSHARE']._serialized_start=2527
-  _globals['_REVEALEDSHARE']._serialized_end=2571
-  _globals['_UNMASKRESPONSE']._serialized_start=2573
-  _globals['_UNMASKRESPONSE']._serialized_end=2684
-  _globals['_TRAINERSERVICE']._serialized_start=2846
-  _globals['_TRAINERSERVICE']._serialized_end=3291
+  _globals['_TRAINPROGRESS']._serialized_start=1226
+  _globals['_TRAINPROGRESS']._serialized_end=1269
+  _globals['_TRAINRESPONSE']._serialized_start=1272
+  _globals['_TRAINRESPONSE']._serialized_end=1431
+  _globals['_EVALUATEHEADER']._serialized_start=1434
+  _globals['_EVALUATEHEADER']._serialized_end=1603
+  _globals['_EVALUATEREQUEST']._serialized_start=1605
+  _globals['_EVALUATEREQUEST']._serialized_end=1722
+  _globals['_EVALUATERESPONSE']._serialized_start=1724
+  _globals['_EVALUATERESPONSE']._serialized_end=1844
+  _globals['_ENDRUNREQUEST']._serialized_start=1846
+  _globals['_ENDRUNREQUEST']._serialized_end=1893
+  _globals['_ENDRUNRESPONSE']._serialized_start=1895
+  _globals['_ENDRUNRESPONSE']._serialized_end=1911
+  _globals['_SECUREROUND']._serialized_start=1913
+  _globals['_SECUREROUND']._serialized_end=1974
+  _globals['_ADVERTISEKEYSREQUEST']._serialized_start=1976
+  _globals['_ADVERTISEKEYSREQUEST']._serialized_end=2099
+  _globals['_SIGNEDKEYS']._serialized_start=2102
+  _globals['_SIGNEDKEYS']._serialized_end=2245
+  _globals['_ADVERTISEKEYSRESPONSE']._serialized_start=2247
+  _globals['_ADVERTISEKEYSRESPONSE']._serialized_end=2308
+  _globals['_SHAREKEYSREQUEST']._serialized_start=2310
+  _globals['_SHAREKEYSREQUEST']._serialized_end=2412
+  _globals['_SEALEDSHARES']._serialized_start=2414
+  _globals['_SEALEDSHARES']._serialized_end=2462
+  _globals['_SHAREKEYSRESPONSE']._serialized_start=2464
+  _globals['_SHAREKEYSRESPONSE']._serialized_end=2525
+  _globals['_UNMASKREQUEST']._serialized_start=2527
+  _globals['_UNMASKREQUEST']._serialized_end=2618
+  _globals['_REVEALEDSHARE']._serialized_start=2620
+  _globals['_REVEALEDSHARE']._serialized_end=2664
+  _globals['_UNMASKRESPONSE']._serialized_start=2666
+  _globals['_UNMASKRESPONSE']._serialized_end=2777
+  _globals['_TRAINERSERVICE']._serialized_start=2939
+  _globals['_TRAINERSERVICE']._serialized_end=3384
 # @@protoc_insertion_point(module_scope)

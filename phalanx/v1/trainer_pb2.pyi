@@ -128,13 +128,23 @@ class TrainResult(_message.Message):
     range_clipped: int
     def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., num_examples: _Optional[int] = ..., examples_seen: _Optional[int] = ..., steps: _Optional[int] = ..., loss: _Optional[float] = ..., seconds: _Optional[float] = ..., adapter: _Optional[_Union[_adapter_pb2.AdapterManifest, _Mapping]] = ..., range_clipped: _Optional[int] = ...) -> None: ...
 
+class TrainProgress(_message.Message):
+    __slots__ = ("step", "loss")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    loss: float
+    def __init__(self, step: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+
 class TrainResponse(_message.Message):
-    __slots__ = ("result", "chunk")
+    __slots__ = ("result", "chunk", "progress")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     result: TrainResult
     chunk: _adapter_pb2.AdapterChunk
-    def __init__(self, result: _Optional[_Union[TrainResult, _Mapping]] = ..., chunk: _Optional[_Union[_adapter_pb2.AdapterChunk, _Mapping]] = ...) -> None: ...
+    progress: TrainProgress
+    def __init__(self, result: _Optional[_Union[TrainResult, _Mapping]] = ..., chunk: _Optional[_Union[_adapter_pb2.AdapterChunk, _Mapping]] = ..., progress: _Optional[_Union[TrainProgress, _Mapping]] = ...) -> None: ...
 
 class EvaluateHeader(_message.Message):
     __slots__ = ("run_id", "round", "batch_size", "max_examples", "adapter", "run")
