@@ -102,10 +102,10 @@ class RunProgress:
     def site_answered(
         self, name: str, phase: str, status: str, reason: str, nbytes: int, seconds: float, loss: float = math.nan
     ) -> None:
-        """A call of `phase` to `name` ended: status accepted, failed or rejected; `loss` is what it reported."""
+        """A call of `phase` to `name` ended: status accepted, failed or rejected; `loss`: a training job's, as it reported it."""
         site = self.site(name)
         site.bytes += nbytes
-        if math.isfinite(loss):
+        if phase == "train" and math.isfinite(loss):
             site.loss = loss
         if status == "accepted":
             site.state = "answered"
