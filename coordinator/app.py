@@ -43,10 +43,9 @@ class CoordinatorApp:
         )  # fmt: skip
         self.federation = Federation(config.federation, telemetry, state=self._state, admission=admission)
         self.registry = self.federation.registry
-        self.run = Run(
-            config.run, self.federation, outputs, initial, run_id=run_id, start_round=start_round, on_round=on_round,
-            resumed=resumed,
-        )  # fmt: skip
+        self.run = self.next_run(
+            config.run, outputs, initial, run_id=run_id, start_round=start_round, on_round=on_round, resumed=resumed
+        )
 
     def next_run(
         self,
@@ -59,7 +58,7 @@ class CoordinatorApp:
         on_round: Callable[[dict[str, Any]], None] = lambda row: None,
         resumed: Mapping[str, str] | None = None,
     ) -> Run:
-        """Host the series' next run (after the last one ended) on the same federation."""
+        """Host a run on this federation: the first, or the series' next once the last one ended."""
         self.run = Run(
             config, self.federation, outputs, initial, run_id=run_id, start_round=start_round, on_round=on_round, resumed=resumed
         )
